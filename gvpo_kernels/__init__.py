@@ -1,0 +1,15 @@
+"""gvpo-kernels: fused kernels for the GVPO (Group Variance Policy Optimization) loss.
+
+    import gvpo_kernels as gk
+    loss = gk.gvpo_loss(logits, labels, rewards, group_size=k, ref_logprobs=old_logprobs, beta=0.1)
+
+``gk.reference`` holds the plain PyTorch oracle with the same signature.
+"""
+
+from . import reference
+from .functional import gvpo_loss
+from .layout import GVPOStats
+from .modules import GVPOLoss
+
+__all__ = ["gvpo_loss", "GVPOLoss", "GVPOStats", "reference"]
+__version__ = "0.1.0"

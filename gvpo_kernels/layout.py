@@ -1,0 +1,316 @@
+"""Check the arguments of a GVPO call and flatten any layout into tokens, sequences and groups.
+
+Two layouts reach the losses: padded, where row b of a (B, T) labels tensor is sequence b, and packed, where
+(N,) tokens are cut into sequences by ``cu_seqlens`` (as in flash-attn varlen). Both become one :class:`Layout`:
+N flat tokens, each with its target id (or -1 when the token is not scored) and its sequence index, and S
+sequences, each with its reward and group. Every backend consumes a ``Layout`` and nothing else.
+
+Every bad argument raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) with a
+message that names the argument and says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+REDUCTIONS = ("mean", "sum")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+class GVPOStats(NamedTuple):
+    """Per-sequence statistics of a GVPO call (``return_stats=True``), each (S,) float32 and detached.
+
+    seq_logprob:      s_i, the sum of the scored tokens' log-probs under the policy
+    implicit_reward:  r_i = beta * (s_i - a_i)
+    grad_seq_logprob: dL/ds_i, the coefficient that scales each token's (onehot - softmax) in the backward
+    """
+
+    seq_logprob: torch.Tensor
+    implicit_reward: torch.Tensor
+    grad_seq_logprob: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Flat view of one GVPO call: N tokens, S sequences, G groups, all on the inputs' device.
+
+    target:        (N,) int64, the label of each scored token, -1 for tokens that are not scored
+    token_seq:     (N,) int64, the sequence each token belongs to
+    token_ref:     (N,) float32 anchor log-probs (0 where not scored), or None for on-policy
+    cu_seqlens:    (S + 1,) int64, tokens of sequence i are cu_seqlens[i]:cu_seqlens[i + 1]
+    rewards:       (S,) float32
+    seq_group:     (S,) int64 group of each sequence, in [0, G)
+    group_order:   (S,) int64 sequences sorted by group; group g is group_order[group_ptr[g]:group_ptr[g + 1]]
+    group_ptr:     (G + 1,) int64
+    max_group_size: the largest group's size
+    scale:         1 / G for reduction="mean", 1 for "sum"
+    """
+
+    target: torch.Tensor
+    token_seq: torch.Tensor
+    token_ref: Optional[torch.Tensor]
+    cu_seqlens: torch.Tensor
+    rewards: torch.Tensor
+    seq_group: torch.Tensor
+    group_order: torch.Tensor
+    group_ptr: torch.Tensor
+    max_group_size: int
+    scale: float
+
+    @property
+    def num_tokens(self) -> int:
+        return self.target.numel()
+
+    @property
+    def num_seqs(self) -> int:
+        return self.rewards.numel()
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_ptr.numel() - 1
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) padded or (N, D) packed -> a (B', T', D) view whose flat row n is token n.
+
+    Kernels address row n as (n // T', n % T'), so a padded tensor sliced along T (``logits[:, :-1]``) is read
+    in place, without the copy that flattening it would need. The last dimension is made contiguous.
+    """
+    x = x if x.dim() == 3 else x.unsqueeze(0)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def check_options(*, beta, temperature, reduction, ignore_index, backend) -> None:
+    """Check the scalar keyword arguments shared by both losses."""
+    _check_real("beta", beta)
+    _check_real("temperature", temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_logits(logits, labels) -> int:
+    """Check logits (B, T, V) or (N, V) against labels (B, T) or (N,); return V."""
+    _check_tensor("logits", logits)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be (B, T, V) padded or (N, V) packed, got shape {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError("logits must have a vocabulary dimension V >= 1")
+    _check_labels(labels, logits.shape[:-1], "logits", logits.device)
+    return logits.shape[-1]
+
+
+def _check_labels(labels, shape, against: str, device) -> None:
+    _check_tensor("labels", labels)
+    if labels.dtype not in INDEX_DTYPES:
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape {tuple(shape)} to match {against}, got {tuple(labels.shape)}")
+    _check_device("labels", labels, device)
+
+
+def _check_real(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _check_tensor(name, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_device(name, tensor, device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the logits/hidden states are on {device}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flattening
+
+
+def build(
+    labels: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    vocab_size: int,
+    group_size=None,
+    group_ids=None,
+    mask=None,
+    cu_seqlens=None,
+    ref_logprobs=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Layout:
+    """Check the per-token and per-sequence arguments and flatten them into a :class:`Layout`.
+
+    ``labels`` is (B, T) for padded input or (N,) for packed input with ``cu_seqlens``; its shape and dtype have
+    already been checked against the logits or hidden states (:func:`check_logits`). The device of ``labels`` is
+    the device of the call.
+    """
+    device = labels.device
+    packed = labels.dim() == 1
+    num_tokens = labels.numel()
+
+    # sequences ------------------------------------------------------------------------------------------------
+    if packed:
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens is required for packed (N, ...) input: pass the (S + 1,) sequence offsets")
+        cu_host = _check_cu_seqlens(cu_seqlens, num_tokens, device)
+        num_seqs = cu_host.numel() - 1
+        lengths = (cu_host[1:] - cu_host[:-1]).to(device, non_blocking=True)
+        cu = cu_host.to(device, non_blocking=True)
+        token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=num_tokens)
+    else:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens applies to packed (N, ...) input only; this input is padded (B, T, ...)")
+        num_seqs, seq_len = labels.shape
+        cu = torch.arange(num_seqs + 1, device=device) * seq_len
+        token_seq = torch.arange(num_tokens, device=device) // max(seq_len, 1)
+    if num_seqs < 1:
+        raise ValueError("the input must hold at least one sequence")
+
+    _check_tensor("rewards", rewards)
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
+    if tuple(rewards.shape) != (num_seqs,):
+        raise ValueError(f"rewards must have shape ({num_seqs},), one per sequence, got {tuple(rewards.shape)}")
+    _check_device("rewards", rewards, device)
+
+    # groups -----------------------------------------------------------------------------------------------------
+    seq_group, group_order, group_ptr, max_group_size = _groups(group_size, group_ids, num_seqs, device)
+
+    # tokens -----------------------------------------------------------------------------------------------------
+    flat_labels = labels.reshape(-1).long()
+    scored = flat_labels != ignore_index
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        _check_device("mask", mask, device)
+        flat_mask = mask.reshape(-1)
+        if flat_mask.dtype == torch.bool:
+            mask_ok = torch.ones((), dtype=torch.bool, device=device)
+        else:
+            if flat_mask.is_complex():
+                raise TypeError("mask must be bool or hold 0/1 values, got a complex tensor")
+            mask_ok = ((flat_mask == 0) | (flat_mask == 1)).all()
+            flat_mask = flat_mask != 0
+        scored = scored & flat_mask
+    else:
+        mask_ok = torch.ones((), dtype=torch.bool, device=device)
+
+    labels_ok = ~(scored & ((flat_labels < 0) | (flat_labels >= vocab_size))).any()
+    target = torch.where(scored, flat_labels, torch.full_like(flat_labels, -1))
+
+    token_ref = None
+    ref_ok = torch.ones((), dtype=torch.bool, device=device)
+    if ref_logprobs is not None:
+        _check_tensor("ref_logprobs", ref_logprobs)
+        if not ref_logprobs.is_floating_point():
+            raise TypeError(f"ref_logprobs must be a floating-point tensor, got {ref_logprobs.dtype}")
+        if tuple(ref_logprobs.shape) != tuple(labels.shape):
+            raise ValueError(
+                f"ref_logprobs must have the shape of labels {tuple(labels.shape)}, got {tuple(ref_logprobs.shape)}"
+            )
+        _check_device("ref_logprobs", ref_logprobs, device)
+        flat_ref = ref_logprobs.detach().reshape(-1).float()
+        ref_ok = ~(scored & ~torch.isfinite(flat_ref)).any()
+        token_ref = torch.where(scored, flat_ref, torch.zeros_like(flat_ref))
+
+    rewards32 = rewards.detach().float()
+    # One device sync for every value check; the details are worked out only on the error path.
+    mask_ok, labels_ok, ref_ok, rewards_ok = torch.stack(
+        [mask_ok, labels_ok, ref_ok, torch.isfinite(rewards32).all()]
+    ).tolist()
+    if not mask_ok:
+        raise ValueError("mask must be bool or hold only 0 and 1")
+    if not labels_ok:
+        bad = (scored & ((flat_labels < 0) | (flat_labels >= vocab_size))).nonzero()[0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) at scored positions; flat position {bad} holds "
+            f"{flat_labels[bad].item()} (mark it with ignore_index={ignore_index} or mask=False to skip it)"
+        )
+    if not ref_ok:
+        raise ValueError("ref_logprobs must be finite at every scored position")
+    if not rewards_ok:
+        raise ValueError("rewards must be finite (found NaN or inf)")
+
+    num_groups = group_ptr.numel() - 1
+    return Layout(
+        target=target,
+        token_seq=token_seq,
+        token_ref=token_ref,
+        cu_seqlens=cu,
+        rewards=rewards32,
+        seq_group=seq_group,
+        group_order=group_order,
+        group_ptr=group_ptr,
+        max_group_size=max_group_size,
+        scale=1.0 / num_groups if reduction == "mean" else 1.0,
+    )
+
+
+def _check_cu_seqlens(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
+    _check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    _check_device("cu_seqlens", cu_seqlens, device)
+    cu = cu_seqlens.to("cpu", torch.int64)
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
+    if (cu[1:] < cu[:-1]).any():
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if cu[-1].item() != num_tokens:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N={num_tokens}, got {cu[-1].item()}")
+    return cu
+
+
+def _groups(group_size, group_ids, num_seqs: int, device):
+    """Return (seq_group, group_order, group_ptr, max_group_size) on ``device``; bookkeeping runs on the host."""
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size (consecutive runs of k sequences) or group_ids (S,)")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if num_seqs % group_size:
+            raise ValueError(f"the number of sequences S={num_seqs} is not divisible by group_size={group_size}")
+        seq_group = torch.arange(num_seqs) // group_size
+        order = torch.arange(num_seqs)
+        counts = torch.full((num_seqs // group_size,), group_size)
+    else:
+        _check_tensor("group_ids", group_ids)
+        if group_ids.dtype not in INDEX_DTYPES:
+            raise TypeError(f"group_ids must be an int64 (or int32) tensor, got {group_ids.dtype}")
+        if tuple(group_ids.shape) != (num_seqs,):
+            raise ValueError(f"group_ids must have shape ({num_seqs},), one per sequence, got {tuple(group_ids.shape)}")
+        _check_device("group_ids", group_ids, device)
+        _, seq_group, counts = torch.unique(group_ids.cpu(), return_inverse=True, return_counts=True)
+        order = torch.argsort(seq_group, stable=True)
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    to = dict(device=device, dtype=torch.int64, non_blocking=True)
+    return seq_group.to(**to), order.to(**to), ptr.to(**to), int(counts.max())

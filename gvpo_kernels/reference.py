@@ -1,0 +1,105 @@
+"""The oracle: GVPO in plain PyTorch, written to be obviously correct rather than fast.
+
+It materialises the full log-softmax, sums each sequence with a Python loop, centres each group with another, and
+lets autograd produce every gradient. Math runs in float32, or in float64 when the logits are float64, which is
+how the tests obtain their float64 ground truth. It shares only argument checking with the fused backends
+(``layout.check_*`` and ``layout.build``, whose flattened output it ignores), never their math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import layout
+from .layout import GVPOStats
+
+
+def gvpo_loss(
+    logits,
+    labels,
+    rewards,
+    *,
+    group_size=None,
+    group_ids=None,
+    mask=None,
+    cu_seqlens=None,
+    ref_logprobs=None,
+    beta=0.1,
+    temperature=1.0,
+    reduction="mean",
+    ignore_index=-100,
+    backend="auto",
+    inplace_backward=False,
+    return_stats=False,
+):
+    """Reference GVPO loss on logits; same signature and errors as :func:`gvpo_kernels.gvpo_loss`.
+
+    ``backend`` and ``inplace_backward`` are checked and otherwise ignored.
+    """
+    layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                         backend=backend)
+    vocab_size = layout.check_logits(logits, labels)
+    layout.build(labels, rewards, vocab_size=vocab_size, group_size=group_size, group_ids=group_ids, mask=mask,
+                 cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction)
+
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+    scored = labels != ignore_index
+    if mask is not None:
+        scored = scored & mask.bool()
+    safe_labels = torch.where(scored, labels, torch.zeros_like(labels)).long()
+    token_logprob = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    token_logprob = torch.where(scored, token_logprob, torch.zeros_like(token_logprob))
+    if ref_logprobs is None:
+        token_ref = None
+    else:
+        token_ref = torch.where(scored, ref_logprobs.detach().to(dtype), torch.zeros_like(token_logprob))
+
+    seq_logprob = _per_sequence_sums(token_logprob, cu_seqlens)
+    seq_ref = seq_logprob.detach() if token_ref is None else _per_sequence_sums(token_ref, cu_seqlens)
+
+    num_seqs = seq_logprob.numel()
+    if group_size is not None:
+        groups = torch.arange(num_seqs, device=seq_logprob.device) // group_size
+    else:
+        groups = group_ids
+    rewards = rewards.detach().to(dtype)
+
+    loss = _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction)
+    if not return_stats:
+        return loss
+
+    with torch.enable_grad():
+        s = seq_logprob.detach().requires_grad_()
+        a = s.detach() if token_ref is None else seq_ref
+        (grad_s,) = torch.autograd.grad(_group_loss(s, a, rewards, groups, beta, reduction), s)
+    stats = GVPOStats(
+        seq_logprob=seq_logprob.detach().float(),
+        implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
+        grad_seq_logprob=grad_s.float(),
+    )
+    return loss, stats
+
+
+def _per_sequence_sums(token_values, cu_seqlens):
+    """(B, T) padded -> sum over T; (N,) packed -> one sum per cu_seqlens segment."""
+    if cu_seqlens is None:
+        return token_values.sum(dim=1)
+    bounds = cu_seqlens.tolist()
+    return torch.stack([token_values[start:end].sum() for start, end in zip(bounds[:-1], bounds[1:])])
+
+
+def _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction):
+    """sum_G 1 / (2 max(k-1, 1)) sum_{i in G} ((r_i - mean r) - (R_i - mean R))^2, then mean or sum over G."""
+    implicit_reward = beta * (seq_logprob - seq_ref)
+    group_losses = []
+    for g in torch.unique(groups).tolist():
+        members = (groups == g).nonzero().squeeze(1)
+        r = implicit_reward[members]
+        big_r = rewards[members]
+        k = members.numel()
+        diff = (r - r.mean()) - (big_r - big_r.mean())
+        group_losses.append((diff**2).sum() / (2 * max(k - 1, 1)))
+    total = torch.stack(group_losses).sum()
+    return total / len(group_losses) if reduction == "mean" else total

@@ -1,0 +1,25 @@
+"""Triton backend (CUDA GPUs; the CPU only under TRITON_INTERPRET=1).
+
+This file only answers whether the backend can run; the kernels live in ``logprob.py`` (token stage) and
+``group.py`` (group stage), imported when the backend is first used so that the package imports without Triton.
+"""
+
+import os
+
+import torch
+
+
+def unavailable_reason(device: torch.device):
+    """None when the Triton kernels can run on tensors on ``device``, else a sentence saying why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not installed ({exc}); `pip install triton` on Linux"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"the tensors are on {device.type}, and Triton kernels run on CUDA GPUs; on the CPU they run only in "
+        "Triton's interpreter, with TRITON_INTERPRET=1 set before gvpo_kernels first uses them"
+    )

@@ -1,0 +1,156 @@
+"""Random GVPO inputs for every layout and option, and the comparison against the float64 oracle.
+
+A backend passes when, for the loss, the logits gradient and every per-sequence statistic, its error against the
+reference evaluated in float64 is no worse than the reference's own error at the input dtype plus a small slack
+(DESIGN.md section 4). Errors are relative: ||got - oracle|| / ||oracle||, or ||got|| when the oracle is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+import gvpo_kernels as gk
+
+SLACK = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: str = "padded"  # "padded" (B, T, V) or "packed" (N, V) with cu_seqlens
+    groups: tuple = (4, 4)  # group sizes, in sequence order unless shuffled
+    shuffled: bool = False  # arbitrary group ids in shuffled sequence order (always group_ids, never group_size)
+    vocab: int = 257
+    seq_len: int = 63  # T padded; the longest sequence packed
+    mask: str = "random"  # "none", "random", or "empty" (random, and sequence 0 has no scored token)
+    anchor: bool = True
+    temperature: float = 1.0
+    reduction: str = "mean"
+    beta: float = 0.1
+    dtype: torch.dtype = torch.float32
+    ignore: bool = False  # labels of ignore_index, and out-of-range labels where mask is False
+    sliced: bool = False  # padded logits as logits[:, :-1] of a longer tensor (not viewable as 2-D)
+    inplace: bool = False
+    seed: int = 0
+
+    def replace(self, **changes) -> "Case":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def id(self) -> str:
+        base = Case()
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.name not in ("dtype", "seed") and getattr(self, f.name) != getattr(base, f.name)]
+        return "-".join([DTYPE_NAMES[self.dtype]] + parts).replace(" ", "")
+
+
+def make_inputs(case: Case, device) -> dict:
+    """Inputs of one case: logits (leaf, requires grad), labels, rewards and the keyword arguments."""
+    gen = torch.Generator().manual_seed(case.seed)
+    num_seqs = sum(case.groups)
+    if case.layout == "padded":
+        lengths = [case.seq_len] * num_seqs
+        shape = (num_seqs, case.seq_len)
+    else:
+        lengths = torch.randint(1, case.seq_len + 1, (num_seqs,), generator=gen).tolist()
+        shape = (sum(lengths),)
+    vocab = case.vocab
+
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    mask = None
+    if case.mask != "none":
+        mask = torch.rand(shape, generator=gen) < 0.8
+        if case.mask == "empty":
+            if case.layout == "padded":
+                mask[0] = False
+            else:
+                mask[: lengths[0]] = False
+    if case.ignore:
+        ignored = torch.rand(shape, generator=gen) < 0.15
+        labels[ignored] = -100
+        if mask is not None:  # never read as token ids: they are not scored
+            labels[~mask] = torch.where(torch.rand(shape, generator=gen) < 0.5, vocab + 7, -5)[~mask]
+
+    if case.layout == "padded" and case.sliced:
+        full = 2.0 * torch.randn(num_seqs, case.seq_len + 1, vocab, generator=gen)
+        logits = full.to(case.dtype)[:, :-1]
+    else:
+        logits = (2.0 * torch.randn(*shape, vocab, generator=gen)).to(case.dtype)
+
+    rewards = torch.randn(num_seqs, generator=gen)
+    rewards[: case.groups[0]] = 1.0  # one group whose rewards are all equal
+    kwargs = dict(temperature=case.temperature, reduction=case.reduction, beta=case.beta, mask=mask)
+
+    if case.shuffled or len(set(case.groups)) > 1:
+        ids = torch.cat([torch.full((size,), 13 * g + 5) for g, size in enumerate(case.groups)])
+        if case.shuffled:
+            ids = ids[torch.randperm(num_seqs, generator=gen)]
+        kwargs["group_ids"] = ids
+    else:
+        kwargs["group_size"] = case.groups[0]
+
+    if case.anchor:
+        ref = -5.0 * torch.rand(shape, generator=gen)
+        if mask is not None:
+            ref[~mask] = float("nan")  # never read: not scored
+        kwargs["ref_logprobs"] = ref
+    if case.layout == "packed":
+        kwargs["cu_seqlens"] = torch.tensor([0] + lengths).cumsum(0)
+
+    def to_device(v):
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    return dict(
+        logits=logits.to(device).requires_grad_(),
+        labels=labels.to(device),
+        rewards=rewards.to(device),
+        kwargs={k: to_device(v) for k, v in kwargs.items()},
+    )
+
+
+def run(fn, logits, labels, rewards, kwargs, **extra):
+    """Loss, logits gradient and stats of one call; the logits leaf is used as given."""
+    logits.grad = None
+    loss, stats = fn(logits, labels, rewards, return_stats=True, **kwargs, **extra)
+    loss.backward()
+    return loss.detach(), logits.grad, stats
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    scale = want.norm().item()
+    diff = (got - want).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def check_against_oracle(case: Case, backend: str, device) -> None:
+    """The backend's loss, gradient and stats against the float64 oracle, within the dtype's tolerance."""
+    inputs = make_inputs(case, device)
+    logits, labels, rewards, kwargs = inputs["logits"], inputs["labels"], inputs["rewards"], inputs["kwargs"]
+
+    oracle = run(gk.reference.gvpo_loss, logits.detach().double().requires_grad_(), labels, rewards.double(),
+                 kwargs)
+    baseline = run(gk.reference.gvpo_loss, logits.detach().clone().requires_grad_(), labels, rewards, kwargs)
+
+    original = logits.detach().clone()
+    got = run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend=backend, inplace_backward=case.inplace)
+    loss, grad, stats = got
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == case.dtype and grad.shape == logits.shape
+    assert all(s.dtype == torch.float32 and s.shape == rewards.shape for s in stats)
+    if case.inplace:  # the logits were consumed: they now hold the gradient
+        torch.testing.assert_close(logits.detach(), grad, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(logits.detach(), original, rtol=0, atol=0)
+
+    slack = SLACK[case.dtype]
+    names = ["loss", "grad_logits", "seq_logprob", "implicit_reward", "grad_seq_logprob"]
+    for name, g, b, o in zip(names, [loss, grad, *stats], [baseline[0], baseline[1], *baseline[2]],
+                             [oracle[0], oracle[1], *oracle[2]]):
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err, base = rel_err(g, o), rel_err(b, o)
+        assert err <= base + slack, f"{name}: error {err:.3g} vs PyTorch's {base:.3g} + slack {slack:g}"

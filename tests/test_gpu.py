@@ -1,0 +1,85 @@
+"""The compiled Triton kernels on a real GPU: what the interpreter cannot show (skipped without CUDA).
+
+Realistic shapes, no recompilation when N or T changes, and int64 offsets past 2^31 logits elements.
+"""
+
+import pytest
+import torch
+from cases import run
+
+import gvpo_kernels as gk
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _inputs(num_seqs, seq_len, vocab, dtype, seed=0, group_size=4):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    logits = (2 * torch.randn(num_seqs, seq_len, vocab, device="cuda", generator=gen)).to(dtype)
+    labels = torch.randint(0, vocab, (num_seqs, seq_len), device="cuda", generator=gen)
+    mask = torch.rand(num_seqs, seq_len, device="cuda", generator=gen) < 0.8
+    kwargs = dict(group_size=group_size, mask=mask, temperature=0.9,
+                  ref_logprobs=-5 * torch.rand(num_seqs, seq_len, device="cuda", generator=gen))
+    return logits.requires_grad_(), labels, torch.randn(num_seqs, device="cuda", generator=gen), kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_realistic_shape_against_reference(dtype, packed):
+    logits, labels, rewards, kwargs = _inputs(16, 512, 32003, dtype)
+    if packed:
+        kwargs = dict(kwargs, cu_seqlens=torch.arange(0, 16 * 512 + 1, 512, device="cuda"),
+                      mask=kwargs["mask"].flatten(), ref_logprobs=kwargs["ref_logprobs"].flatten())
+        logits = logits.detach().flatten(0, 1).requires_grad_()
+        labels = labels.flatten()
+    oracle = run(gk.reference.gvpo_loss, logits.detach().double().requires_grad_(), labels, rewards.double(),
+                 kwargs)
+    got = run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
+    slack = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(got[0].item() - oracle[0].item()) <= slack * abs(oracle[0].item()) + 1e-6
+    err = (got[1].double() - oracle[1]).norm() / oracle[1].norm()
+    base = (oracle[1].to(dtype).double() - oracle[1]).norm() / oracle[1].norm()  # rounding to the dtype alone
+    assert err <= base + slack
+
+
+def _compiled_variants(kernel):
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton version keeps its kernel cache elsewhere")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_new_lengths_do_not_recompile():
+    from gvpo_kernels.triton import group, logprob
+
+    kernels = [logprob.token_logprob_fwd_kernel, logprob.token_logprob_bwd_kernel, group.gvpo_group_fwd_kernel]
+    logits, labels, rewards, kwargs = _inputs(8, 17, 4099, torch.bfloat16)
+    run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
+    before = [_compiled_variants(k) for k in kernels]
+    for seq_len in [1, 16, 33, 100, 257]:
+        logits, labels, rewards, kwargs = _inputs(8, seq_len, 4099, torch.bfloat16, seed=seq_len)
+        run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
+    assert [_compiled_variants(k) for k in kernels] == before
+
+
+def test_offsets_past_two_to_the_31():
+    """N x V > 2^31: only the last rows are scored, so a wrapped int32 offset would read the wrong rows."""
+    num_tokens, vocab = 16400, 131072
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    assert num_tokens * vocab > 2**31
+    logits = torch.randn(num_tokens, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (num_tokens,), device="cuda")
+    mask = torch.zeros(num_tokens, dtype=torch.bool, device="cuda")
+    mask[-8:] = True
+    rewards = torch.tensor([0.0, 1.0], device="cuda")
+    cu = torch.tensor([0, num_tokens - 4, num_tokens], device="cuda")
+    logits.requires_grad_()
+    loss = gk.gvpo_loss(logits, labels, rewards, group_size=2, mask=mask, cu_seqlens=cu, backend="triton")
+    loss.backward()
+    tail = logits.detach()[-8:].clone().requires_grad_()
+    want = gk.reference.gvpo_loss(tail, labels[-8:], rewards, group_size=2, cu_seqlens=torch.tensor(
+        [0, 4, 8], device="cuda"))
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logits.grad[-8:], tail.grad)
+    assert logits.grad[:-8].abs().max() == 0
