@@ -21,5 +21,5 @@ def unavailable_reason(device: torch.device):
         return None
     return (
         f"the tensors are on {device.type}, and Triton kernels run on CUDA GPUs; on the CPU they run only in "
-        "Triton's interpreter, with TRITON_INTERPRET=1 set before gvpo_kernels first uses them"
+        "Triton's interpreter, with TRITON_INTERPRET=1 set before triton is first imported"
     )
