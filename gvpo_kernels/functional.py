@@ -1,13 +1,15 @@
-"""gvpo_loss: check the arguments, pick a backend, run it inside one autograd.Function.
+"""gvpo_loss and linear_gvpo_loss: check the arguments, pick a backend, run it inside an autograd.Function.
 
 The whole flow, for every backend:
 
     forward:  token stage   logits -> per-token log-prob and log-sum-exp         (N,), (N,)   reads N x V once
+                            (linear: logits = hidden @ W.T + b, tile by tile, never stored)
               group stage   -> s_i, r_i, dL/ds_i per sequence, the loss           (S,) ...     O(N + S)
     backward: token stage   dL/dlogits = grad * dL/ds_i / T * (onehot - softmax)  (N, V)       recomputed from lse
+                            (linear: contracted at once into d_hidden, d_weight, d_bias)
 
-Only O(N + S) floats are saved between forward and backward. With ``inplace_backward=True`` the backward runs
-at the end of the forward, writing into the logits' own storage.
+Only O(N + S) floats are saved between forward and backward. With ``inplace_backward=True`` the backward of
+gvpo_loss runs at the end of the forward, writing into the logits' own storage.
 """
 
 from __future__ import annotations
@@ -117,8 +119,82 @@ class _GVPOLogitsFunction(torch.autograd.Function):
         return grad.reshape(ctx.shape), None, None, None, None, None
 
 
+def linear_gvpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    group_size: int | None = None,
+    group_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.1,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """GVPO loss from hidden states and the LM head, without ever materialising the (N, V) logits.
+
+    Args:
+        hidden: (B, T, H) padded or (N, H) packed; float32, bfloat16, float16 (or float64): the last hidden
+            state, e.g. ``outputs.hidden_states[-1]``; ``hidden[t]`` scores ``labels[t]`` (shift before the call).
+        weight: (V, H), the LM head in nn.Linear layout (``model.lm_head.weight``), same dtype as hidden.
+        bias: (V,) or None.
+        labels, rewards and the keywords: as in :func:`gvpo_loss` (no ``inplace_backward``: nothing N x V exists).
+
+    Returns:
+        The loss, a float32 scalar; with ``return_stats``, ``(loss, stats)``. Gradients flow to hidden, weight
+        and bias, each in its own dtype; the weight gradient is accumulated in float32.
+
+    Example::
+
+        out = model.model(input_ids, attention_mask=attention_mask)         # the decoder, without the LM head
+        hidden = out.last_hidden_state[:, :-1]                               # (B, T-1, H)
+        labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:], -100)
+        loss = gk.linear_gvpo_loss(hidden, model.lm_head.weight, labels, rewards, group_size=k,
+                                   ref_logprobs=old_logprobs, beta=0.1)
+        loss.backward()
+    """
+    layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                         backend=backend)
+    vocab_size = layout.check_linear(hidden, weight, bias, labels)
+    lay = layout.build(labels, rewards, vocab_size=vocab_size, group_size=group_size, group_ids=group_ids,
+                       mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, ignore_index=ignore_index,
+                       reduction=reduction)
+    impl = select_backend(backend, hidden.device)
+    loss, *stats = _GVPOLinearFunction.apply(hidden, weight, bias, impl, lay, float(beta), float(temperature))
+    return (loss, GVPOStats(*stats)) if return_stats else loss
+
+
+class _GVPOLinearFunction(torch.autograd.Function):
+    """The linear path for every backend: ``impl`` supplies linear_forward, group_stage, linear_backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, impl, lay, beta, temperature):
+        rows = layout.as_rows(hidden)
+        token_logprob, lse = impl.linear_forward(rows, weight, bias, lay.target, temperature)
+        loss, seq_logprob, implicit_reward, grad_seq = impl.group_stage(token_logprob, lay, beta)
+        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq)
+        ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, hidden.shape
+        ctx.save_for_backward(rows, weight, bias, lse, grad_seq)
+        return loss, seq_logprob, implicit_reward, grad_seq
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        rows, weight, bias, lse, grad_seq = ctx.saved_tensors
+        d_hidden, d_weight, d_bias = ctx.impl.linear_backward(rows, weight, bias, ctx.lay, lse, grad_seq,
+                                                              grad_loss, ctx.temperature)
+        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None, None
+
+
 def select_backend(name: str, device: torch.device):
-    """The backend for ``name`` on ``device``: a namespace of token_forward, group_stage, token_backward."""
+    """The backend for ``name`` on ``device``: a namespace of token_forward, group_stage, token_backward,
+    linear_forward, linear_backward."""
     if name == "auto":
         if device.type != "cuda":
             return torch_impl
@@ -144,7 +220,8 @@ def select_backend(name: str, device: torch.device):
 
 
 def _triton_backend():
-    from .triton import group, logprob
+    from .triton import group, linear, logprob
 
     return SimpleNamespace(token_forward=logprob.token_forward, group_stage=group.group_stage,
-                           token_backward=logprob.token_backward)
+                           token_backward=logprob.token_backward, linear_forward=linear.linear_forward,
+                           linear_backward=linear.linear_backward)

@@ -118,6 +118,36 @@ def check_logits(logits, labels) -> int:
     return logits.shape[-1]
 
 
+def check_linear(hidden, weight, bias, labels) -> int:
+    """Check hidden (B, T, H) or (N, H), weight (V, H), bias (V,) or None against labels; return V."""
+    _check_tensor("hidden", hidden)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (B, T, H) padded or (N, H) packed, got shape {tuple(hidden.shape)}")
+    _check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H) as in nn.Linear, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight and hidden must share a dtype, got {weight.dtype} and {hidden.dtype} "
+                        "(cast one of them, e.g. hidden.to(weight.dtype))")
+    _check_device("weight", weight, hidden.device)
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},), one per vocabulary row, got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        _check_device("bias", bias, hidden.device)
+    _check_labels(labels, hidden.shape[:-1], "hidden", hidden.device)
+    return weight.shape[0]
+
+
 def _check_labels(labels, shape, against: str, device) -> None:
     _check_tensor("labels", labels)
     if labels.dtype not in INDEX_DTYPES:

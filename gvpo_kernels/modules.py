@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import gvpo_loss
+from .functional import gvpo_loss, linear_gvpo_loss
 
 
 class GVPOLoss(torch.nn.Module):
@@ -25,6 +25,30 @@ class GVPOLoss(torch.nn.Module):
         return gvpo_loss(logits, labels, rewards, beta=self.beta, temperature=self.temperature,
                          reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
                          inplace_backward=self.inplace_backward, **batch)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
+
+
+class LinearGVPOLoss(torch.nn.Module):
+    """``LinearGVPOLoss(beta=0.1, temperature=1.0, reduction="mean", ignore_index=-100, backend="auto")
+    (hidden, weight, labels, rewards, group_size=k, ...)``: :func:`gvpo_kernels.linear_gvpo_loss`.
+
+    forward takes hidden (B, T, H) or (N, H), weight (V, H), labels (B, T) or (N,), rewards (S,) and the
+    per-batch keywords bias, group_size / group_ids, mask, cu_seqlens, ref_logprobs, return_stats.
+    """
+
+    def __init__(self, beta: float = 0.1, temperature: float = 1.0, reduction: str = "mean",
+                 ignore_index: int = -100, backend: str = "auto"):
+        super().__init__()
+        self.beta, self.temperature, self.reduction = beta, temperature, reduction
+        self.ignore_index, self.backend = ignore_index, backend
+
+    def forward(self, hidden, weight, labels, rewards, **batch):
+        return linear_gvpo_loss(hidden, weight, labels, rewards, beta=self.beta, temperature=self.temperature,
+                                reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
+                                **batch)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "

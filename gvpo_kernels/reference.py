@@ -103,3 +103,37 @@ def _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction):
         group_losses.append((diff**2).sum() / (2 * max(k - 1, 1)))
     total = torch.stack(group_losses).sum()
     return total / len(group_losses) if reduction == "mean" else total
+
+
+def linear_gvpo_loss(
+    hidden,
+    weight,
+    labels,
+    rewards,
+    *,
+    bias=None,
+    group_size=None,
+    group_ids=None,
+    mask=None,
+    cu_seqlens=None,
+    ref_logprobs=None,
+    beta=0.1,
+    temperature=1.0,
+    reduction="mean",
+    ignore_index=-100,
+    backend="auto",
+    return_stats=False,
+):
+    """Reference GVPO loss from hidden states and the LM head: materialise the logits, then :func:`gvpo_loss`.
+
+    hidden (B, T, H) or (N, H); weight (V, H); bias (V,) or None. The matmul runs in float32 (float64 for
+    float64 inputs); same keywords, errors and return value as :func:`gvpo_kernels.linear_gvpo_loss`.
+    """
+    layout.check_linear(hidden, weight, bias, labels)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
+                     cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
+                     reduction=reduction, ignore_index=ignore_index, backend=backend, return_stats=return_stats)

@@ -1,7 +1,8 @@
 """The chunked pure-PyTorch backend: the fused algorithm in torch ops, for any device (the fallback).
 
 It walks the tokens in chunks and never holds more than one chunk of logits in float32 (plus the temporaries of
-one torch op on that chunk), so its working memory is O(CHUNK_BYTES + N + S) whatever N and V are. The three
+one torch op on that chunk), so its working memory is O(CHUNK_BYTES + N + S) whatever N and V are; the linear
+path adds a float32 (V, H) accumulator for the weight gradient when the weight is not float32 itself. The
 functions below are the backend interface that :mod:`gvpo_kernels.functional` drives:
 
     token_forward(rows, target, temperature)             -> token_logprob (N,), lse (N,)
@@ -9,9 +10,15 @@ functions below are the backend interface that :mod:`gvpo_kernels.functional` dr
                                                             grad_seq_logprob (S,)
     token_backward(rows, lay, lse, grad_seq_logprob, grad_loss, temperature, out)
                                                          writes dL/dlogits into out (B', T', V)
+    linear_forward(rows, weight, bias, target, temperature)  -> token_logprob (N,), lse (N,)
+    linear_backward(rows, weight, bias, lay, lse, grad_seq_logprob, grad_loss, temperature)
+                                                         -> d_hidden (B', T', H), d_weight (V, H), d_bias (V,)
 
-``rows`` is the (B', T', V) view of the logits from :func:`gvpo_kernels.layout.as_rows`: flat token n is row
-(n // T', n % T').
+``rows`` is the (B', T', D) view of the logits (D = V) or hidden states (D = H) from
+:func:`gvpo_kernels.layout.as_rows`: flat token n is row (n // T', n % T').
+
+The linear backward recomputes each chunk's logits (the coefficients dL/ds need every sequence of a group, so
+they are known only after the whole forward): four GEMMs in all, logits twice, then d_hidden and d_weight.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from .layout import Layout
 CHUNK_BYTES = 64 << 20  # float32 bytes of logits per chunk
 
 
-def _chunks(rows: torch.Tensor):
-    """Yield (first flat token, index into rows) covering rows in order, each at most CHUNK_BYTES of float32.
+def _chunks(rows: torch.Tensor, vocab: int):
+    """Yield (first flat token, index into rows) covering rows in order, each with at most CHUNK_BYTES of
+    float32 logits.
 
     A chunk is part of one sequence row, or several whole rows when rows are short; indexing ``rows`` with it
-    gives a (b, t, V) view, so the same chunk can be read from one tensor and written into another.
+    gives a (b, t, D) view, so the same chunk can be read from one tensor and written into another.
     """
-    num_b, seq_len, vocab = rows.shape
+    num_b, seq_len, _ = rows.shape
     chunk_rows = max(1, CHUNK_BYTES // (4 * vocab))
     if seq_len == 0:
         return
@@ -44,21 +52,39 @@ def _chunks(rows: torch.Tensor):
             yield b * seq_len, (slice(b, min(b + per_chunk, num_b)), slice(None))
 
 
+def _logprob(z: torch.Tensor, target: torch.Tensor):
+    """z (r, V) float32 logits / T, target (r,) -> log-prob of the target (0 where target < 0), lse (r,)."""
+    lse = torch.logsumexp(z, dim=-1)
+    label_logit = z.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.where(target >= 0, label_logit - lse, torch.zeros_like(lse)), lse
+
+
+def _softmax_grad_(z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, target: torch.Tensor):
+    """Turn z (r, V) float32 logits / T into coef * (onehot(target) - softmax(z)), in place; rows with coef == 0
+    become zeros even where their logits are garbage (padding)."""
+    c = coef.unsqueeze(1)
+    z.sub_(lse.unsqueeze(1)).exp_().mul_(-c)
+    z.scatter_add_(1, target.clamp(min=0).unsqueeze(1), c)
+    return z.masked_fill_(c == 0, 0.0)
+
+
+def _token_coef(lay: Layout, grad_seq_logprob, grad_loss, temperature: float):
+    """(N,) float32: grad_loss * dL/ds of each token's sequence / T, 0 for tokens that are not scored."""
+    coef = grad_seq_logprob[lay.token_seq] * (grad_loss.float() / temperature)
+    return torch.where(lay.target >= 0, coef, torch.zeros_like(coef))
+
+
 def token_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
     """Per-token log-prob of the target (0 where target < 0) and log-sum-exp of logits / temperature."""
     vocab = rows.shape[-1]
     token_logprob = empty(target.shape, dtype=torch.float32, device=rows.device)
     lse = empty(target.shape, dtype=torch.float32, device=rows.device)
-    for start, index in _chunks(rows):
-        z = rows[index].reshape(-1, vocab).float()
+    for start, index in _chunks(rows, vocab):
+        z = rows[index].reshape(-1, vocab).float()  # may be the input itself: not modified in place
         if temperature != 1.0:
             z = z / temperature
         end = start + z.shape[0]
-        t = target[start:end]
-        chunk_lse = torch.logsumexp(z, dim=-1)
-        label_logit = z.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-        token_logprob[start:end] = torch.where(t >= 0, label_logit - chunk_lse, torch.zeros_like(chunk_lse))
-        lse[start:end] = chunk_lse
+        token_logprob[start:end], lse[start:end] = _logprob(z, target[start:end])
     return token_logprob, lse
 
 
@@ -91,16 +117,55 @@ def token_backward(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperat
     Rows that are not scored get zeros. ``out`` may be ``rows`` itself (inplace_backward).
     """
     vocab = rows.shape[-1]
-    coef = grad_seq_logprob[lay.token_seq] * (grad_loss.float() / temperature)
-    coef = torch.where(lay.target >= 0, coef, torch.zeros_like(coef))
-    for start, index in _chunks(rows):
+    coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
+    for start, index in _chunks(rows, vocab):
         x = rows[index]
-        grad = x.reshape(-1, vocab).to(torch.float32, copy=True)
-        end = start + grad.shape[0]
-        c, t = coef[start:end, None], lay.target[start:end, None]
+        z = x.reshape(-1, vocab).to(torch.float32, copy=True)
+        end = start + z.shape[0]
         if temperature != 1.0:
-            grad.div_(temperature)
-        grad.sub_(lse[start:end, None]).exp_().mul_(-c)
-        grad.scatter_add_(1, t.clamp(min=0), c)
-        grad.masked_fill_(c == 0, 0.0)  # unscored rows: zeros even where their logits are garbage
-        out[index].copy_(grad.view(x.shape))
+            z.div_(temperature)
+        _softmax_grad_(z, lse[start:end], coef[start:end], lay.target[start:end])
+        out[index].copy_(z.view(x.shape))
+
+
+def _linear_logits(h: torch.Tensor, weight, bias, temperature: float) -> torch.Tensor:
+    """(r, H) hidden -> (r, V) float32 logits / T, a fresh tensor (safe to modify in place)."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    z = z.float() if z.dtype != torch.float32 else z
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def linear_forward(rows: torch.Tensor, weight, bias, target: torch.Tensor, temperature: float):
+    """rows (B', T', H) hidden, weight (V, H) -> token log-prob (N,), lse (N,), one chunk of logits at a time."""
+    hidden_size, vocab = rows.shape[-1], weight.shape[0]
+    token_logprob = empty(target.shape, dtype=torch.float32, device=rows.device)
+    lse = empty(target.shape, dtype=torch.float32, device=rows.device)
+    for start, index in _chunks(rows, vocab):
+        z = _linear_logits(rows[index].reshape(-1, hidden_size), weight, bias, temperature)
+        end = start + z.shape[0]
+        token_logprob[start:end], lse[start:end] = _logprob(z, target[start:end])
+    return token_logprob, lse
+
+
+def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float):
+    """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype.
+
+    Per chunk: recompute the logits, turn them into dL/dlogits in place, then d_hidden = dlogits @ W and
+    d_weight += dlogits^T @ h, accumulated in float32 across chunks.
+    """
+    hidden_size, vocab = rows.shape[-1], weight.shape[0]
+    coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
+    d_hidden = empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
+    for start, index in _chunks(rows, vocab):
+        x = rows[index]
+        h = x.reshape(-1, hidden_size)
+        end = start + h.shape[0]
+        z = _linear_logits(h, weight, bias, temperature)
+        grad = _softmax_grad_(z, lse[start:end], coef[start:end], lay.target[start:end])
+        d_hidden[index] = (grad.to(weight.dtype) @ weight).view(x.shape)
+        d_weight.addmm_(grad.T, h.float())
+        if d_bias is not None:
+            d_bias += grad.sum(0)
+    return d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype)
