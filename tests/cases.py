@@ -34,6 +34,8 @@ class Case:
     ignore: bool = False  # labels of ignore_index, and out-of-range labels where mask is False
     sliced: bool = False  # padded logits as logits[:, :-1] of a longer tensor (not viewable as 2-D)
     inplace: bool = False
+    hidden_size: int = 0  # > 0: the linear path, hidden (..., H) and weight (V, H) instead of logits
+    bias: bool = False  # linear path: with an LM-head bias
     seed: int = 0
 
     def replace(self, **changes) -> "Case":
@@ -48,7 +50,10 @@ class Case:
 
 
 def make_inputs(case: Case, device) -> dict:
-    """Inputs of one case: logits (leaf, requires grad), labels, rewards and the keyword arguments."""
+    """Inputs of one case: logits (leaf, requires grad), labels, rewards and the keyword arguments.
+
+    With ``case.hidden_size`` the linear path's hidden, weight and bias (leaves) replace the logits.
+    """
     gen = torch.Generator().manual_seed(case.seed)
     num_seqs = sum(case.groups)
     if case.layout == "padded":
@@ -74,11 +79,12 @@ def make_inputs(case: Case, device) -> dict:
         if mask is not None:  # never read as token ids: they are not scored
             labels[~mask] = torch.where(torch.rand(shape, generator=gen) < 0.5, vocab + 7, -5)[~mask]
 
+    width = case.hidden_size or vocab
     if case.layout == "padded" and case.sliced:
-        full = 2.0 * torch.randn(num_seqs, case.seq_len + 1, vocab, generator=gen)
+        full = 2.0 * torch.randn(num_seqs, case.seq_len + 1, width, generator=gen)
         logits = full.to(case.dtype)[:, :-1]
     else:
-        logits = (2.0 * torch.randn(*shape, vocab, generator=gen)).to(case.dtype)
+        logits = (2.0 * torch.randn(*shape, width, generator=gen)).to(case.dtype)
 
     rewards = torch.randn(num_seqs, generator=gen)
     rewards[: case.groups[0]] = 1.0  # one group whose rewards are all equal
@@ -103,12 +109,15 @@ def make_inputs(case: Case, device) -> dict:
     def to_device(v):
         return v.to(device) if isinstance(v, torch.Tensor) else v
 
-    return dict(
-        logits=logits.to(device).requires_grad_(),
-        labels=labels.to(device),
-        rewards=rewards.to(device),
-        kwargs={k: to_device(v) for k, v in kwargs.items()},
-    )
+    inputs = dict(labels=labels.to(device), rewards=rewards.to(device),
+                  kwargs={k: to_device(v) for k, v in kwargs.items()})
+    if not case.hidden_size:
+        return dict(inputs, logits=logits.to(device).requires_grad_())
+    weight = torch.randn(vocab, case.hidden_size, generator=gen) / case.hidden_size**0.5
+    bias = torch.randn(vocab, generator=gen) if case.bias else None
+    return dict(inputs, hidden=(logits / 2).to(device).requires_grad_(),
+                weight=weight.to(case.dtype).to(device).requires_grad_(),
+                bias=None if bias is None else bias.to(case.dtype).to(device).requires_grad_())
 
 
 def run(fn, logits, labels, rewards, kwargs, **extra):
@@ -117,6 +126,16 @@ def run(fn, logits, labels, rewards, kwargs, **extra):
     loss, stats = fn(logits, labels, rewards, return_stats=True, **kwargs, **extra)
     loss.backward()
     return loss.detach(), logits.grad, stats
+
+
+def run_linear(fn, hidden, weight, bias, labels, rewards, kwargs, **extra):
+    """Loss, (d_hidden, d_weight, d_bias) and stats of one linear call; d_bias is None without a bias."""
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    for t in leaves:
+        t.grad = None
+    loss, stats = fn(hidden, weight, labels, rewards, bias=bias, return_stats=True, **kwargs, **extra)
+    loss.backward()
+    return loss.detach(), [hidden.grad, weight.grad, None if bias is None else bias.grad], stats
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -128,6 +147,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_against_oracle(case: Case, backend: str, device) -> None:
     """The backend's loss, gradient and stats against the float64 oracle, within the dtype's tolerance."""
+    if case.hidden_size:
+        return check_linear_against_oracle(case, backend, device)
     inputs = make_inputs(case, device)
     logits, labels, rewards, kwargs = inputs["logits"], inputs["labels"], inputs["rewards"], inputs["kwargs"]
 
@@ -151,6 +172,37 @@ def check_against_oracle(case: Case, backend: str, device) -> None:
     names = ["loss", "grad_logits", "seq_logprob", "implicit_reward", "grad_seq_logprob"]
     for name, g, b, o in zip(names, [loss, grad, *stats], [baseline[0], baseline[1], *baseline[2]],
                              [oracle[0], oracle[1], *oracle[2]]):
+        assert torch.isfinite(g).all(), f"{name}: non-finite values"
+        err, base = rel_err(g, o), rel_err(b, o)
+        assert err <= base + slack, f"{name}: error {err:.3g} vs PyTorch's {base:.3g} + slack {slack:g}"
+
+
+def check_linear_against_oracle(case: Case, backend: str, device) -> None:
+    """linear_gvpo_loss: loss, d_hidden, d_weight, d_bias and stats against the float64 oracle."""
+    assert case.hidden_size and not case.inplace
+    inputs = make_inputs(case, device)
+    hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]
+    labels, rewards, kwargs = inputs["labels"], inputs["rewards"], inputs["kwargs"]
+
+    def copies(dtype=None):
+        return [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_()
+                for t in (hidden, weight, bias)]
+
+    oracle = run_linear(gk.reference.linear_gvpo_loss, *copies(torch.float64), labels, rewards.double(), kwargs)
+    baseline = run_linear(gk.reference.linear_gvpo_loss, *copies(), labels, rewards, kwargs)
+    loss, grads, stats = run_linear(gk.linear_gvpo_loss, hidden, weight, bias, labels, rewards, kwargs,
+                                    backend=backend)
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    for name, grad, leaf in zip(["d_hidden", "d_weight", "d_bias"], grads, (hidden, weight, bias)):
+        if leaf is not None:
+            assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+    slack = SLACK[case.dtype]
+    names = ["loss", "d_hidden", "d_weight", "d_bias", "seq_logprob", "implicit_reward", "grad_seq_logprob"]
+    for name, g, b, o in zip(names, [loss, *grads, *stats], [baseline[0], *baseline[1], *baseline[2]],
+                             [oracle[0], *oracle[1], *oracle[2]]):
+        if o is None:
+            continue
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         err, base = rel_err(g, o), rel_err(b, o)
         assert err <= base + slack, f"{name}: error {err:.3g} vs PyTorch's {base:.3g} + slack {slack:g}"

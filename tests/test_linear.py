@@ -1,0 +1,145 @@
+"""linear_gvpo_loss on every backend against the float64 oracle: loss, d_hidden, d_weight, d_bias, stats.
+
+The same one-factor-at-a-time grid as the logits path (without inplace_backward, which the linear path has no
+use for), plus hidden sizes 16, 64, 96, a bias, and vocabularies that are not multiples of any block size.
+"""
+
+import pytest
+import torch
+from cases import Case, check_linear_against_oracle, make_inputs
+from conftest import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import gvpo_kernels as gk
+from gvpo_kernels import torch_impl
+from gvpo_kernels.triton import linear as triton_linear
+
+BASE = Case(hidden_size=64, vocab=257, seq_len=17)
+LINEAR_CASES = [
+    BASE,
+    BASE.replace(hidden_size=16),
+    BASE.replace(hidden_size=96),
+    BASE.replace(bias=True),
+    BASE.replace(layout="packed"),
+    BASE.replace(groups=(1,)),
+    BASE.replace(groups=(2,)),
+    BASE.replace(groups=(2, 3, 1, 5)),
+    BASE.replace(groups=(2, 3, 1, 5), shuffled=True),
+    BASE.replace(vocab=1),
+    BASE.replace(vocab=3001),
+    BASE.replace(seq_len=1),
+    BASE.replace(mask="none"),
+    BASE.replace(mask="empty"),
+    BASE.replace(anchor=False),
+    BASE.replace(temperature=0.7),
+    BASE.replace(reduction="sum"),
+    BASE.replace(beta=1.0),
+    BASE.replace(dtype=torch.bfloat16),
+    BASE.replace(dtype=torch.float16),
+    BASE.replace(dtype=torch.float64),
+    BASE.replace(ignore=True),
+    BASE.replace(sliced=True),
+    Case(hidden_size=96, bias=True, layout="packed", groups=(2, 3, 1, 5), shuffled=True, ignore=True,
+         temperature=0.7, reduction="sum", vocab=1000),
+    Case(hidden_size=16, bias=True, dtype=torch.bfloat16, sliced=True, mask="empty", vocab=3001, seq_len=9),
+    Case(hidden_size=64, dtype=torch.float16, anchor=False, groups=(2, 3, 1, 5), seq_len=1, beta=1.0),
+]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make the torch backend cut every input into chunks of 7 rows (mid-sequence and across sequences)."""
+    def chunk_bytes_for(vocab):
+        monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 4 * vocab * 7)
+    return chunk_bytes_for
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.id)
+def test_torch_backend(case, small_chunks):
+    small_chunks(case.vocab)
+    check_linear_against_oracle(case, "torch", DEVICE)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.id)
+def test_triton_backend(case, monkeypatch):
+    monkeypatch.setattr(triton_linear, "CHUNK_BYTES", 1)  # backward chunks of BLOCK_N scored rows
+    check_linear_against_oracle(case, "triton", DEVICE)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) that any op returns while it is active (Triton's interpreter
+    copies kernel arguments through byte tensors; those count too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_tensor_grows_with_tokens_times_vocabulary(backend, monkeypatch):
+    """Forward and backward at N and 4N tokens: the largest tensor any op creates is the same, bounded by one
+    float32 chunk of 32 token rows (torch) or 64 (Triton's backward buffer), far below N x V."""
+    vocab, hidden_size = 2048, 16
+    monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 4 * vocab * 32)
+    monkeypatch.setattr(triton_linear, "CHUNK_BYTES", 1)
+    largest = []
+    for seq_len in (32, 128):
+        inputs = make_inputs(Case(hidden_size=hidden_size, vocab=vocab, groups=(4,), seq_len=seq_len), DEVICE)
+        with LargestTensor() as mode:
+            loss = gk.linear_gvpo_loss(inputs["hidden"], inputs["weight"], inputs["labels"], inputs["rewards"],
+                                       backend=backend, **inputs["kwargs"])
+            loss.backward()
+        largest.append(mode.largest)
+        num_tokens = inputs["labels"].numel()
+        assert mode.largest <= 64 * vocab * 4 < num_tokens * vocab * 4
+    assert largest[0] == largest[1]
+
+
+def test_linear_matches_logits_path():
+    """linear_gvpo_loss(h, W, b) equals gvpo_loss(h @ W.T + b): the two entry points compute one function."""
+    inputs = make_inputs(Case(hidden_size=32, bias=True, groups=(3, 3), seq_len=8, vocab=101), DEVICE)
+    h, w, b = (inputs[k].detach() for k in ("hidden", "weight", "bias"))
+    logits = (h @ w.T + b).requires_grad_()
+    a = gk.gvpo_loss(logits, inputs["labels"], inputs["rewards"], backend="torch", **inputs["kwargs"])
+    c = gk.linear_gvpo_loss(h, w, inputs["labels"], inputs["rewards"], bias=b, backend="torch",
+                            **inputs["kwargs"])
+    torch.testing.assert_close(a, c)
+
+
+def test_module_matches_function():
+    inputs = make_inputs(Case(hidden_size=16, groups=(2, 2), seq_len=5, vocab=33), DEVICE)
+    args = (inputs["hidden"], inputs["weight"], inputs["labels"], inputs["rewards"])
+    module = gk.LinearGVPOLoss(beta=0.1, backend="torch")
+    assert "beta=0.1" in repr(module)
+    kwargs = {k: v for k, v in inputs["kwargs"].items() if k not in ("beta", "temperature", "reduction")}
+    torch.testing.assert_close(module(*args, **kwargs), gk.linear_gvpo_loss(*args, **kwargs))
+
+
+@pytest.mark.parametrize("bad, error, name", [
+    (dict(hidden=torch.zeros(4, 3, 8, dtype=torch.int64)), TypeError, "hidden"),
+    (dict(hidden=torch.zeros(8)), ValueError, "hidden"),
+    (dict(weight=torch.zeros(11, 9)), ValueError, "weight"),
+    (dict(weight=torch.zeros(11, 8, 1)), ValueError, "weight"),
+    (dict(weight=torch.zeros(11, 8, dtype=torch.float64)), TypeError, "weight"),
+    (dict(bias=torch.zeros(10)), ValueError, "bias"),
+    (dict(bias=torch.zeros(11, dtype=torch.float64)), TypeError, "bias"),
+    (dict(bias=torch.zeros(11, device="meta")), ValueError, "bias"),
+    (dict(weight=torch.zeros(11, 8, device="meta")), ValueError, "weight"),
+    (dict(labels=torch.zeros(4, 2, dtype=torch.int64)), ValueError, "labels"),
+    (dict(labels=torch.full((4, 3), 11)), ValueError, "labels"),
+], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("fn", [gk.linear_gvpo_loss, gk.reference.linear_gvpo_loss], ids=["fused", "reference"])
+def test_bad_input_is_named(bad, error, name, fn):
+    args = dict(hidden=torch.randn(4, 3, 8), weight=torch.randn(11, 8), bias=None,
+                labels=torch.randint(0, 11, (4, 3)), rewards=torch.randn(4))
+    args.update(bad)
+    with pytest.raises(error, match=name):
+        fn(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("rewards"), group_size=2, **args)
