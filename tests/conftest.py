@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import gvpo_kernels._alloc  # noqa: E402
+from gvpo_kernels import torch_impl  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -23,3 +24,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def poison_outputs(monkeypatch):
     """Every buffer a backend allocates starts as NaN, so an element that a kernel never writes fails loudly."""
     monkeypatch.setattr(gvpo_kernels._alloc, "POISON", True)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make the torch backend cut every input into chunks of 7 rows (mid-sequence and across sequences)."""
+    def chunk_bytes_for(vocab):
+        monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 4 * vocab * 7)
+    return chunk_bytes_for

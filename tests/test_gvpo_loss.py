@@ -13,7 +13,6 @@ from cases import Case, check_against_oracle, make_inputs, run
 from conftest import DEVICE
 
 import gvpo_kernels as gk
-from gvpo_kernels import torch_impl
 
 BASE = Case()
 ONE_FACTOR = [
@@ -63,14 +62,6 @@ def random_cases(count: int, seed: int):
 
 
 CASES = ONE_FACTOR + COMBINED + random_cases(10, seed=1234)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Make the torch backend cut every input into chunks of 7 rows (mid-sequence and across sequences)."""
-    def chunk_bytes_for(vocab):
-        monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 4 * vocab * 7)
-    return chunk_bytes_for
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

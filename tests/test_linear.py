@@ -47,14 +47,6 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Make the torch backend cut every input into chunks of 7 rows (mid-sequence and across sequences)."""
-    def chunk_bytes_for(vocab):
-        monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 4 * vocab * 7)
-    return chunk_bytes_for
-
-
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.id)
 def test_torch_backend(case, small_chunks):
     small_chunks(case.vocab)
