@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root (if missing) and install the package with its dev extra.
+# Create .venv in the repository root (if missing) and install the package with the extras the tests and the
+# main job use: dev (pytest), train (transformers, the trainer) and trl (the TRL plug-in).
 # On machines without CUDA, torch==2.13.0 (a CPU build) is installed first so that nothing pulls a CUDA build.
 # Sourced by scripts/main.sh and scripts/test.sh; re-installs only when pyproject.toml changed.
 set -euo pipefail
@@ -15,6 +16,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         "${pip[@]}" torch==2.13.0
     fi
-    "${pip[@]}" -e ".[dev]"
+    "${pip[@]}" -e ".[dev,train,trl]"
     touch "$stamp"
 fi

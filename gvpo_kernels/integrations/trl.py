@@ -1,0 +1,373 @@
+"""TRL plug-in: ``GVPOTrainer``, a ``trl.GRPOTrainer`` whose loss is the fused GVPO loss.
+
+A TRL user changes two lines::
+
+    from gvpo_kernels.integrations.trl import GVPOConfig, GVPOTrainer
+    trainer = GVPOTrainer(model=model, reward_funcs=reward_fn, args=GVPOConfig(..., gvpo_beta=0.1),
+                          train_dataset=dataset, processing_class=tokenizer)
+
+Everything before the loss is TRL's own: generation (transformers or vLLM), reward functions and their weights,
+tools and environments, logging. Only these steps change:
+
+1. ``_generate_and_score_completions`` adds two per-completion columns to TRL's batch: ``gvpo_rewards`` (B,) float32,
+   the weighted sum of the reward functions *before* TRL centres or scales it, and ``gvpo_group_ids`` (B,) int64,
+   the prompt group of each completion (TRL's own grouping: ``num_generations`` consecutive completions of the
+   gathered generation batch share a prompt).
+2. ``_prepare_inputs`` shuffles the buffered generation batch by whole groups rather than by rows, so that each
+   micro-batch holds complete groups whenever ``per_device_train_batch_size`` is a multiple of ``num_generations``.
+   GVPO centres within a group: a group cut across micro-batches would be centred over its pieces.
+3. ``_compute_loss`` runs the model once for the last hidden state (``output_hidden_states=True,
+   logits_to_keep=1``: no (B, T, V) logits are built), and calls :func:`gvpo_kernels.linear_gvpo_loss` on it and the
+   LM head with TRL's completion mask (times its tool mask), TRL's sampling ``temperature``, the groups above and,
+   as anchor, TRL's ``old_per_token_logps`` when TRL computed them (``num_iterations > 1``, ``steps_per_generation``
+   larger than ``gradient_accumulation_steps``, or vLLM); otherwise the policy itself (on-policy: the anchor equals
+   the current policy before the update, so TRL skips that forward pass). The loss is the mean over the groups of
+   the micro-batch, divided by the number of gradient-accumulation steps as TRL does for its own losses. The LM
+   head runs in the precision the model's own forward gives it: float32 with ``cast_lm_head_to_fp32``, the autocast
+   dtype under mixed precision (``bf16=True``, TRL's default, as for TRL's log-probs and so the anchor), otherwise
+   the weight's dtype; accumulation is float32 in every case.
+
+GRPOConfig options that do not apply to GVPO (a warning names each one set to a non-default value):
+``epsilon``, ``epsilon_high``, ``delta`` (no ratio clipping: GVPO has no importance ratio), ``loss_type`` and its
+``sapo_*`` / ``vespo_*`` options, ``importance_sampling_level``, ``scale_rewards`` and
+``multi_objective_aggregation`` (GVPO centres the weighted reward sum inside its loss and never divides by a
+standard deviation), ``beta`` (TRL's KL penalty; GVPO's own KL coefficient is ``gvpo_beta``: leave ``beta`` at 0 so
+that TRL loads no reference model), ``top_entropy_quantile``, ``entropy_coef``, ``use_adaptive_entropy`` and
+``off_policy_mask_threshold``. ``vllm_importance_sampling_*`` has no effect either (GVPO needs no importance
+sampling; with vLLM the anchor is the training model's log-probs of the sampled tokens). TRL's ``entropy`` and
+``clip_ratio/*`` metrics are not logged; ``gvpo/*`` metrics are (the loss, the mean implicit reward
+``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``).
+
+Limits: the model must compute its logits as ``lm_head(last hidden state)``; logit scaling or soft-capping (Gemma-2,
+Cohere, Granite, ...) is refused at construction, and the first step checks the hidden state against the model's
+own last-position logits. DeepSpeed ZeRO-3 is refused (the LM head's weight is read outside its module); FSDP2
+DTensor weights are gathered with ``full_tensor()``; an LM head carrying a PEFT adapter is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+
+from ..functional import linear_gvpo_loss
+
+# Options of GRPOConfig that GVPOTrainer ignores; a value other than GRPOConfig's default gets a warning.
+INAPPLICABLE_OPTIONS = {
+    "epsilon": "GVPO has no importance ratio to clip",
+    "epsilon_high": "GVPO has no importance ratio to clip",
+    "delta": "GVPO has no importance ratio to clip",
+    "loss_type": "the loss is always GVPO",
+    "importance_sampling_level": "GVPO has no importance ratio",
+    "scale_rewards": "GVPO centres rewards within each group and never divides by a standard deviation",
+    "multi_objective_aggregation": "GVPO uses the weighted sum of the reward functions",
+    "beta": "TRL's KL penalty is not added; GVPO's KL coefficient is gvpo_beta (leave beta=0: no reference model)",
+    "top_entropy_quantile": "every completion token is scored",
+    "entropy_coef": "no entropy bonus is added",
+    "use_adaptive_entropy": "no entropy bonus is added",
+    "off_policy_mask_threshold": "no off-policy sequence mask is applied",
+}
+
+# Config attributes of models whose logits are not plain lm_head(hidden): linear_gvpo_loss cannot reproduce them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+@dataclass
+class GVPOConfig(GRPOConfig):
+    """A ``GRPOConfig`` with the GVPO options. See :mod:`gvpo_kernels.integrations.trl` for the GRPO options that do
+    not apply. ``temperature``, ``num_generations``, ``num_iterations``, ``steps_per_generation``,
+    ``gradient_accumulation_steps``, ``mask_truncated_completions``, ``reward_weights`` and the generation options
+    keep their TRL meaning.
+
+    Args:
+        gvpo_beta: the KL coefficient of GVPO, scale of the implicit reward ``beta * (log pi - log pi_anchor)``
+            (the paper and its official recipe use 0.1).
+        gvpo_backend: the backend of :func:`gvpo_kernels.linear_gvpo_loss`: "auto" (CUDA -> Triton, otherwise the
+            chunked torch backend), "triton", "cpu" or "torch".
+    """
+
+    gvpo_beta: float = field(default=0.1, metadata={"help": "GVPO's KL coefficient beta (official recipe: 0.1)."})
+    gvpo_backend: str = field(default="auto", metadata={"help": "Backend of linear_gvpo_loss: auto/triton/cpu/torch."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.gvpo_beta, bool) or not isinstance(self.gvpo_beta, (int, float)):
+            raise TypeError(f"gvpo_beta must be a float, got {type(self.gvpo_beta).__name__}")
+        if not (math.isfinite(self.gvpo_beta) and self.gvpo_beta > 0):
+            raise ValueError(f"gvpo_beta must be a finite float > 0, got {self.gvpo_beta}")
+        if self.gvpo_backend not in ("auto", "triton", "cpu", "torch"):
+            raise ValueError(f"gvpo_backend must be one of auto, triton, cpu, torch; got {self.gvpo_backend!r}")
+
+
+def warn_inapplicable_options(args: GRPOConfig) -> list[str]:
+    """Warn once for each GRPOConfig option in :data:`INAPPLICABLE_OPTIONS` set to a non-default value.
+
+    Returns the names warned about (for tests and callers that want to log them).
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    named = []
+    for name, why in INAPPLICABLE_OPTIONS.items():
+        if name in defaults and getattr(args, name, defaults[name]) != defaults[name]:
+            named.append(name)
+            warnings.warn(f"GVPOTrainer ignores {name}={getattr(args, name)!r}: {why}.", UserWarning, stacklevel=3)
+    return named
+
+
+class GVPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with the fused GVPO loss; same constructor, ``args`` must be a :class:`GVPOConfig`.
+
+    Adds two columns to TRL's generation batch (``gvpo_rewards`` (B,) float32 and ``gvpo_group_ids`` (B,) int64),
+    keeps groups whole when it shuffles that batch into micro-batches, and replaces ``_compute_loss``. See the module
+    docstring for what is and is not used from GRPOConfig.
+    """
+
+    _tag_names = ["trl", "gvpo"]
+    _name = "GVPO"
+
+    def __init__(self, model, reward_funcs=None, args: GVPOConfig | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = GVPOConfig(f"{str(name).split('/')[-1]}-GVPO")
+        if not isinstance(args, GVPOConfig):
+            raise TypeError(f"GVPOTrainer needs args=GVPOConfig(...), got {type(args).__name__}")
+        warn_inapplicable_options(args)
+        if args.per_device_train_batch_size % args.num_generations != 0:
+            warnings.warn(
+                f"per_device_train_batch_size ({args.per_device_train_batch_size}) is not a multiple of "
+                f"num_generations ({args.num_generations}): micro-batches will hold parts of groups, and GVPO will "
+                "centre each part on its own. Use a multiple for the exact GVPO loss.", UserWarning, stacklevel=2)
+        _refuse_zero3()
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        _check_plain_lm_head(self.accelerator.unwrap_model(self.model))
+        self._gvpo_rewards_per_func = None
+        self._gvpo_head_checked = False
+
+    # ---- batch: rewards before TRL's normalisation, and group ids -------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gvpo_rewards_per_func = rewards_per_func  # (B_global, num_reward_funcs), gathered over processes
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._gvpo_rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        if self._gvpo_rewards_per_func is None:
+            raise RuntimeError("GVPOTrainer: TRL produced completions without calling _calculate_rewards; this TRL "
+                               "version is not supported (tested: trl 1.16)")
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards = self._gvpo_rewards_per_func
+        weights = self.reward_weights.to(rewards.device)
+        local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local
+        output["gvpo_rewards"], output["gvpo_group_ids"] = group_rewards(rewards, weights, group_size, start, local)
+        output["gvpo_rewards"] = output["gvpo_rewards"].to(output["completion_ids"].device)
+        output["gvpo_group_ids"] = output["gvpo_group_ids"].to(output["completion_ids"].device)
+        self._gvpo_rewards_per_func = None
+        return output
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's buffering (generate every ``steps_per_generation * num_iterations`` steps, hand out one slice per
+        step), with the shuffle done over whole groups instead of rows."""
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = split_pixel_values_by_grid(batch)
+            batch = shuffle_whole_groups(batch, batch["gvpo_group_ids"])
+            slices = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(s) for s in slices]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    # ---- the loss ------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        """GVPO on one micro-batch: mean over its groups, divided by the gradient-accumulation steps in training."""
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        num_completion = completion_ids.size(1)
+
+        hidden, last_logits, autocast_dtype, aux_loss = self._last_hidden_state(model, input_ids, attention_mask,
+                                                                                 inputs)
+        weight, bias = _lm_head_params(self.accelerator.unwrap_model(model))
+        # The LM head's precision as the model's own forward has it: fp32 when TRL casts the head to fp32, the
+        # autocast dtype under mixed precision (as TRL's log-probs and so the anchor), else the weight's dtype.
+        if self.args.cast_lm_head_to_fp32:
+            dtype = torch.float32
+        elif autocast_dtype is not None and weight.dtype == torch.float32:
+            dtype = autocast_dtype
+        else:
+            dtype = weight.dtype
+        if not self._gvpo_head_checked:
+            _check_hidden_matches_logits(hidden[:, -1], weight, bias, last_logits, dtype)
+            self._gvpo_head_checked = True
+        hidden = hidden[:, -num_completion - 1 : -1]  # hidden[:, t] scores completion token t
+
+        device_type = hidden.device.type
+        with torch.autocast(device_type, enabled=False) if _autocast_available(device_type) else nullcontext():
+            loss, stats = linear_gvpo_loss(
+                hidden.to(dtype), weight.to(dtype), completion_ids, inputs["gvpo_rewards"],
+                bias=None if bias is None else bias.to(dtype), group_ids=inputs["gvpo_group_ids"], mask=mask.bool(),
+                ref_logprobs=inputs.get("old_per_token_logps"), beta=self.args.gvpo_beta,
+                temperature=self.temperature, reduction="mean", backend=self.args.gvpo_backend, return_stats=True)
+
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._log_gvpo_metrics(mode, loss, stats)
+        loss = loss / normalizer
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss
+
+    def _last_hidden_state(self, model, input_ids, attention_mask, inputs):
+        """One forward through the (possibly wrapped) model: last hidden state (B, T, H), the model's own logits at
+        the last position (B, V), the autocast dtype it ran under (None without autocast) and the MoE auxiliary
+        loss or None. ``logits_to_keep=1`` keeps the LM head from computing logits anywhere else."""
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for key in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids"):
+            if inputs.get(key) is not None:
+                model_inputs[key] = inputs[key]
+        if self.aux_loss_enabled:
+            model_inputs["output_router_logits"] = True
+        device_type = input_ids.device.type
+        with self.accelerator.autocast():
+            autocast_dtype = None
+            if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                autocast_dtype = torch.get_autocast_dtype(device_type)
+            outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        aux_loss = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
+        return outputs.hidden_states[-1], outputs.logits[:, -1], autocast_dtype, aux_loss
+
+    def _log_gvpo_metrics(self, mode, loss, stats):
+        gather = self.accelerator.gather
+        self._metrics[mode]["gvpo/loss"].append(gather(loss.detach()).mean().item())
+        self._metrics[mode]["gvpo/implicit_reward"].append(gather(stats.implicit_reward).mean().item())
+        self._metrics[mode]["gvpo/grad_seq_logprob_abs"].append(gather(stats.grad_seq_logprob.abs()).mean().item())
+
+
+def group_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int, start: int, count: int):
+    """This process's rewards and group ids from TRL's gathered per-function rewards.
+
+    Args:
+        rewards_per_func: (B_global, F) float, NaN where a reward function returned None; B_global is a multiple
+            of group_size, consecutive runs of group_size rows share a prompt (TRL's layout).
+        weights: (F,) reward weights.
+        group_size: completions per prompt (TRL's num_generations, or num_generations_eval in evaluation).
+        start, count: this process's rows, ``[start, start + count)``.
+
+    Returns:
+        rewards (count,) float32: the weighted sum over functions (NaN entries skipped, as TRL does); a completion
+        that no function scored gets its group's mean, so that its centred reward is 0 (TRL gives it advantage 0);
+        group_ids (count,) int64: global row index // group_size.
+    """
+    total = rewards_per_func.size(0)
+    if total % group_size != 0:
+        raise ValueError(f"the gathered batch ({total} completions) is not a multiple of the group size {group_size}")
+    rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+    unscored = torch.isnan(rewards_per_func).all(dim=1)
+    if unscored.any():
+        grouped = rewards.masked_fill(unscored, float("nan")).view(-1, group_size)
+        fill = torch.nan_to_num(torch.nanmean(grouped, dim=1, keepdim=True), nan=0.0).expand_as(grouped)
+        rewards = torch.where(torch.isnan(grouped), fill, grouped).reshape(-1)
+    rows = torch.arange(start, start + count, device=rewards.device)
+    return rewards[rows].float(), (rows // group_size).long()
+
+
+def shuffle_whole_groups(batch: dict[str, Any], group_ids: torch.Tensor) -> dict[str, Any]:
+    """Shuffle a TRL batch dict along its first dimension, keeping the rows of each group together.
+
+    Groups come out in random order (torch's global generator, as TRL's own shuffle), their rows in their original
+    order. Tensors with a first dimension and lists are permuted; scalars (0-dim tensors) and None pass through.
+    """
+    group_ids = group_ids.cpu()
+    unique, inverse = torch.unique(group_ids, return_inverse=True)
+    group_rank = torch.empty_like(unique)
+    group_rank[torch.randperm(unique.numel())] = torch.arange(unique.numel())
+    rows = torch.argsort(group_rank[inverse] * group_ids.numel() + torch.arange(group_ids.numel()))
+
+    def permute(value):
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[rows.to(value.device)]
+        return [value[i] for i in rows.tolist()]
+
+    return {key: permute(value) for key, value in batch.items()}
+
+
+def _lm_head_params(model):
+    """(weight (V, H), bias (V,) or None) of the output embedding; FSDP2 DTensors gathered (differentiably)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError("GVPOTrainer: the model has no output embedding (lm_head) with a weight")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2)
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None and hasattr(bias, "full_tensor") else bias
+    return weight, bias
+
+
+def _check_plain_lm_head(model) -> None:
+    """Refuse models whose logits are not ``lm_head(last hidden state)``, and an LM head with a PEFT adapter."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1.0:
+            raise ValueError(f"GVPOTrainer: the model's config sets {name}={value!r}, so its logits are not "
+                             "lm_head(hidden); linear_gvpo_loss computes hidden @ W.T + b only")
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "base_layer"):
+        raise ValueError("GVPOTrainer: the lm_head carries a PEFT adapter; remove lm_head from the adapter's "
+                         "target modules")
+
+
+def _check_hidden_matches_logits(hidden_last, weight, bias, model_logits, dtype) -> None:
+    """First step only: the hidden state we feed the fused loss must give the model's own logits.
+
+    hidden_last (B, H), model_logits (B, V); dtype: the precision the LM head ran in (sets the tolerance). Catches
+    a model whose ``hidden_states[-1]`` is not the LM head's input (no final norm applied) or that transforms its
+    logits in a way its config does not announce.
+    """
+    with torch.no_grad():
+        ours = torch.nn.functional.linear(hidden_last.float(), weight.float(), None if bias is None else bias.float())
+        theirs = model_logits.float()
+        scale = theirs.abs().max().clamp(min=1.0)
+        tol = 1e-3 if dtype in (torch.float32, torch.float64) and model_logits.dtype != torch.bfloat16 else 3e-2
+        if not torch.allclose(ours, theirs, rtol=tol, atol=tol * scale.item()):
+            err = (ours - theirs).abs().max().item()
+            raise RuntimeError(
+                "GVPOTrainer: hidden_states[-1] @ lm_head.weight.T does not reproduce the model's logits (max abs "
+                f"difference {err:.3g}); this model's LM head input is not its last hidden state, or it transforms "
+                "its logits, and linear_gvpo_loss cannot be used with it")
+
+
+def _refuse_zero3() -> None:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("GVPOTrainer does not support DeepSpeed ZeRO-3: the fused loss reads lm_head.weight "
+                         "outside the module and again in the backward; use ZeRO-2 or FSDP2")
+
+
+def _autocast_available(device_type: str) -> bool:
+    try:
+        return torch.amp.is_autocast_available(device_type)
+    except AttributeError:  # torch < 2.4
+        return device_type in ("cuda", "cpu")
