@@ -1,0 +1,92 @@
+"""What the user sees: metrics.jsonl (one JSON object per step), the progress bar, sample completions, the plot.
+
+Fields of a metrics line:
+
+    step             rollout steps done (1-based)
+    reward_mean      mean reward of the step's S = G * k completions
+    reward_std       their standard deviation
+    loss             GVPO loss (mean over groups), averaged over the step's optimizer steps
+    implicit_reward  mean r_i = beta * (s_i - a_i) (0 on the first pass with the 'old' anchor)
+    grad_seq_abs     mean |dL/ds_i|: the per-sequence scale of the gradient
+    completion_len   mean completion length in tokens (EOS included)
+    grad_norm        gradient norm before clipping, averaged over the step's optimizer steps
+    lr               learning rate after the step
+    tokens_per_s     prompt + completion tokens of the step / step_time
+    step_time        seconds for the step: rollout, rewards, anchor and update
+    peak_mem_mb      CUDA: peak allocated memory during the step; CPU: the process's peak resident memory
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """Appends one line per step to ``path``; when resuming at ``start_step``, drops lines past it first."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = Path(path)
+        kept = []
+        if start_step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    """Every line of a metrics.jsonl."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated since the last reset, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def print_samples(title: str, prompts: list[str], completions: list[str], rewards: list[float], k: int) -> str:
+    """Print (and return) the first completion of each prompt with its reward, and the group's mean reward."""
+    lines = [title]
+    for g, prompt in enumerate(prompts):
+        group = rewards[g * k:(g + 1) * k]
+        lines.append(f"  {prompt!r} -> {completions[g * k]!r}  reward {group[0]:.2f} "
+                     f"(group of {k}: mean {sum(group) / k:.2f})")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(metrics: list[dict], path: Path) -> Path:
+    """PNG of reward (mean, with a moving average) and loss over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    reward = [m["reward_mean"] for m in metrics]
+    window = max(1, len(metrics) // 20)
+    smooth = [sum(reward[max(0, i - window + 1):i + 1]) / len(reward[max(0, i - window + 1):i + 1])
+              for i in range(len(reward))]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, reward, alpha=0.35, label="reward (step mean)")
+    top.plot(steps, smooth, label=f"moving average ({window} steps)")
+    top.set_ylabel("reward")
+    top.legend(loc="lower right")
+    bottom.plot(steps, [m["loss"] for m in metrics], color="tab:red")
+    bottom.set_ylabel("GVPO loss")
+    bottom.set_xlabel("step")
+    fig.suptitle("GVPO training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

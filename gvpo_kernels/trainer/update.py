@@ -1,0 +1,116 @@
+"""The update: anchor log-probs, the GVPO loss on hidden states, and the optimizer steps over micro-batches.
+
+The loss never builds the (S, C, V) logits: the decoder runs without its head, its last hidden state is shifted
+by one (hidden[t] predicts token t + 1) and cut to the completion, and ``linear_gvpo_loss`` takes it with
+``lm_head.weight``. Micro-batches hold whole groups, so each group is centred on all of its k completions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..functional import linear_gvpo_loss
+from .models import decoder_and_head
+from .rollout import Rollout
+
+ANCHOR_CHUNK_BYTES = 64 << 20  # float32 logits per chunk in the no-grad anchor pass
+
+
+def completion_hidden(model, rollout: Rollout) -> torch.Tensor:
+    """(S, C, H): the decoder's last hidden state at the positions that predict each completion token."""
+    decoder, _ = decoder_and_head(model)
+    position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids,
+                  use_cache=False)
+    return out.last_hidden_state[:, rollout.prompt_len - 1:-1]
+
+
+def loss_dtype(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.dtype:
+    """The dtype the loss takes hidden state and head weight in: the autocast dtype when autocast is on (autocast
+    leaves the head's weight float32, and the loss refuses mismatched dtypes), else the weight's."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
+
+
+@torch.no_grad()
+def token_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """(S, C) float32 log-probs of each completion token under ``model`` at ``temperature``, 0 where unscored.
+
+    Same numerics as the loss: hidden state and head rounded to :func:`loss_dtype`, products summed in float32
+    (plain bf16 logits would be off by ~0.1 nat per token). The logits are built a few sequences at a time (at
+    most ANCHOR_CHUNK_BYTES of them), never all at once.
+    """
+    _, head = decoder_and_head(model)
+    hidden = completion_hidden(model, rollout)
+    dtype = loss_dtype(hidden, head)
+    weight = head.weight.to(dtype).float()
+    bias = None if head.bias is None else head.bias.to(dtype).float()
+    labels = rollout.completion_ids
+    rows = max(1, ANCHOR_CHUNK_BYTES // (4 * head.out_features * max(1, labels.shape[1])))
+    out = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for i in range(0, labels.shape[0], rows):
+            logits = torch.nn.functional.linear(hidden[i:i + rows].to(dtype).float(), weight, bias) / temperature
+            out[i:i + rows] = logits.log_softmax(-1).gather(-1, labels[i:i + rows, :, None]).squeeze(-1)
+    return out.masked_fill_(~rollout.completion_mask, 0.0)
+
+
+def gvpo_loss(model, rollout: Rollout, *, beta: float, temperature: float, backend: str = "auto"):
+    """(loss, GVPOStats) of ``rollout`` (rewards and anchor set) with ``linear_gvpo_loss``, mean over its groups."""
+    _, head = decoder_and_head(model)
+    hidden = completion_hidden(model, rollout)
+    dtype = loss_dtype(hidden, head)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    labels = rollout.completion_ids.masked_fill(~rollout.completion_mask, -100)
+    return linear_gvpo_loss(hidden.to(dtype), head.weight.to(dtype), labels, rollout.rewards, bias=bias,
+                            group_size=rollout.group_size, mask=rollout.completion_mask, ref_logprobs=rollout.anchor,
+                            beta=beta, temperature=temperature, backend=backend, return_stats=True)
+
+
+def optimizer_steps_per_rollout(num_groups: int, micro_batch_groups: int | None, grad_accum: int,
+                                update_epochs: int) -> int:
+    """How many optimizer steps one rollout step makes."""
+    micro_batches = math.ceil(num_groups / (micro_batch_groups or num_groups))
+    return update_epochs * math.ceil(micro_batches / grad_accum)
+
+
+def update(model, optimizer, scheduler, rollout: Rollout, *, beta: float, temperature: float, backend: str,
+           update_epochs: int, micro_batch_groups: int | None, grad_accum: int, max_grad_norm: float,
+           autocast) -> dict:
+    """Train on ``rollout`` (rewards and anchor set): ``update_epochs`` passes, each cut into micro-batches of
+    ``micro_batch_groups`` whole groups, ``grad_accum`` micro-batches per optimizer step (each micro-batch's loss
+    weighted by its share of the step's groups, so the step minimises the mean over its groups).
+
+    Returns means over the step: loss, implicit_reward (r_i), grad_seq_abs (|dL/ds_i| of the loss each optimizer
+    step minimises) and grad_norm (before clipping).
+    """
+    num_groups = rollout.num_groups
+    size = micro_batch_groups or num_groups
+    micro = [(g, min(g + size, num_groups)) for g in range(0, num_groups, size)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, norms, implicit, grad_seq = [], [], [], []
+    model.train()
+    for _ in range(update_epochs):
+        for first in range(0, len(micro), grad_accum):
+            chunk = micro[first:first + grad_accum]
+            step_groups = sum(stop - start for start, stop in chunk)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for start, stop in chunk:
+                weight = (stop - start) / step_groups
+                with autocast:
+                    loss, stats = gvpo_loss(model, rollout.groups(start, stop), beta=beta,
+                                            temperature=temperature, backend=backend)
+                (loss * weight).backward()
+                step_loss += loss.item() * weight
+                implicit.append(stats.implicit_reward)
+                grad_seq.append(stats.grad_seq_logprob.abs() * weight)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            losses.append(step_loss)
+            norms.append(norm.item())
+    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms),
+            "implicit_reward": torch.cat(implicit).mean().item(), "grad_seq_abs": torch.cat(grad_seq).mean().item()}
