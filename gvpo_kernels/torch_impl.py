@@ -2,7 +2,8 @@
 
 It walks the tokens in chunks and never holds more than one chunk of logits in float32 (plus the temporaries of
 one torch op on that chunk), so its working memory is O(CHUNK_BYTES + N + S) whatever N and V are; the linear
-path adds a float32 (V, H) accumulator for the weight gradient when the weight is not float32 itself. The
+path adds, when the weight is not float32 itself, a float32 copy of the head and a float32 accumulator for the
+weight gradient, (V, H) each. The
 functions below are the backend interface that :mod:`gvpo_kernels.functional` drives:
 
     token_forward(rows, target, temperature)             -> token_logprob (N,), lse (N,)
@@ -128,20 +129,28 @@ def token_backward(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperat
         out[index].copy_(z.view(x.shape))
 
 
-def _linear_logits(h: torch.Tensor, weight, bias, temperature: float) -> torch.Tensor:
-    """(r, H) hidden -> (r, V) float32 logits / T, a fresh tensor (safe to modify in place)."""
-    z = torch.nn.functional.linear(h, weight, bias)
-    z = z.float() if z.dtype != torch.float32 else z
+def _linear_logits(h: torch.Tensor, weight32, bias32, temperature: float) -> torch.Tensor:
+    """(r, H) hidden -> (r, V) float32 logits / T from a float32 head, a fresh tensor (safe to modify in place).
+
+    The product runs in float32 whatever the input dtype, as the Triton tiles do: bf16 logits would be off by
+    ~1e-2 per token."""
+    z = torch.nn.functional.linear(h.float(), weight32, bias32)
     return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _float32_head(weight, bias):
+    """The head in float32: the weight itself when it is float32, else one (V, H) float32 copy per call."""
+    return weight.float(), None if bias is None else bias.float()
 
 
 def linear_forward(rows: torch.Tensor, weight, bias, target: torch.Tensor, temperature: float):
     """rows (B', T', H) hidden, weight (V, H) -> token log-prob (N,), lse (N,), one chunk of logits at a time."""
     hidden_size, vocab = rows.shape[-1], weight.shape[0]
+    weight32, bias32 = _float32_head(weight, bias)
     token_logprob = empty(target.shape, dtype=torch.float32, device=rows.device)
     lse = empty(target.shape, dtype=torch.float32, device=rows.device)
     for start, index in _chunks(rows, vocab):
-        z = _linear_logits(rows[index].reshape(-1, hidden_size), weight, bias, temperature)
+        z = _linear_logits(rows[index].reshape(-1, hidden_size), weight32, bias32, temperature)
         end = start + z.shape[0]
         token_logprob[start:end], lse[start:end] = _logprob(z, target[start:end])
     return token_logprob, lse
@@ -151,21 +160,22 @@ def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad
     """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype.
 
     Per chunk: recompute the logits, turn them into dL/dlogits in place, then d_hidden = dlogits @ W and
-    d_weight += dlogits^T @ h, accumulated in float32 across chunks.
+    d_weight += dlogits^T @ h, all in float32 and accumulated in float32 across chunks.
     """
     hidden_size, vocab = rows.shape[-1], weight.shape[0]
+    weight32, bias32 = _float32_head(weight, bias)
     coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
     d_hidden = empty(rows.shape, dtype=rows.dtype, device=rows.device)
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
     for start, index in _chunks(rows, vocab):
         x = rows[index]
-        h = x.reshape(-1, hidden_size)
+        h = x.reshape(-1, hidden_size).float()
         end = start + h.shape[0]
-        z = _linear_logits(h, weight, bias, temperature)
+        z = _linear_logits(h, weight32, bias32, temperature)
         grad = _softmax_grad_(z, lse[start:end], coef[start:end], lay.target[start:end])
-        d_hidden[index] = (grad.to(weight.dtype) @ weight).view(x.shape)
-        d_weight.addmm_(grad.T, h.float())
+        d_hidden[index] = (grad @ weight32).view(x.shape)
+        d_weight.addmm_(grad.T, h)
         if d_bias is not None:
             d_bias += grad.sum(0)
     return d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype)
