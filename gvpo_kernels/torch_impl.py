@@ -54,18 +54,25 @@ def _chunks(rows: torch.Tensor, vocab: int):
 
 
 def _logprob(z: torch.Tensor, target: torch.Tensor):
-    """z (r, V) float32 logits / T, target (r,) -> log-prob of the target (0 where target < 0), lse (r,)."""
+    """z (r, V) float32 logits / T, target (r,) -> (target's logit - lse) (r,), lse (r,).
+
+    target -1: not scored, 0 out; target >= V: scored, but its label lies outside these V columns (a vocabulary
+    slice held by another rank), so the label's logit counts as 0 and the result is -lse.
+    """
+    vocab = z.shape[1]
     lse = torch.logsumexp(z, dim=-1)
-    label_logit = z.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    label_logit = z.gather(1, target.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
+    label_logit = torch.where(target < vocab, label_logit, torch.zeros_like(label_logit))
     return torch.where(target >= 0, label_logit - lse, torch.zeros_like(lse)), lse
 
 
 def _softmax_grad_(z: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, target: torch.Tensor):
-    """Turn z (r, V) float32 logits / T into coef * (onehot(target) - softmax(z)), in place; rows with coef == 0
-    become zeros even where their logits are garbage (padding)."""
+    """Turn z (r, V) float32 logits / T into coef * (onehot(target) - softmax(z)), in place (no onehot where
+    target >= V); rows with coef == 0 become zeros even where their logits are garbage (padding)."""
+    vocab = z.shape[1]
     c = coef.unsqueeze(1)
     z.sub_(lse.unsqueeze(1)).exp_().mul_(-c)
-    z.scatter_add_(1, target.clamp(min=0).unsqueeze(1), c)
+    z.scatter_add_(1, target.clamp(0, vocab - 1).unsqueeze(1), torch.where(target.unsqueeze(1) < vocab, c, 0.0))
     return z.masked_fill_(c == 0, 0.0)
 
 

@@ -41,7 +41,7 @@ def linear_logprob_fwd_kernel(
     w_ptr,  # (V, H) weight, last dim contiguous
     bias_ptr,  # (V,) or unused
     rows_ptr,  # (M,) int64 flat token id of each scored row
-    target_ptr,  # (N,) int64 target id per token
+    target_ptr,  # (N,) int64 target id per token (-1 not scored, >= V in another rank's vocabulary slice)
     max_ptr,  # (SPLITS, M) float32 out: running max of logits / T
     sumexp_ptr,  # (SPLITS, M) float32 out: sum of exp(logits / T - max)
     label_ptr,  # (SPLITS, M) float32 out: the target's logit / T (0 in splits that do not hold it)
@@ -88,7 +88,8 @@ def linear_logprob_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of -inf logits must not give NaN
         acc_exp = acc_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(b_z - m_safe[:, None]), axis=1)
         m = m_new
-        label += tl.sum(tl.where(offs_v[None, :] == target[:, None], b_z, 0.0), axis=1)
+        is_label = (offs_v[None, :] == target[:, None]) & in_vocab[None, :]  # target >= V: another rank's slice
+        label += tl.sum(tl.where(is_label, b_z, 0.0), axis=1)
 
     out = split.to(tl.int64) * num_rows + offs_n
     tl.store(max_ptr + out, m, mask=in_rows)

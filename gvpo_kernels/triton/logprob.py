@@ -29,7 +29,7 @@ _VARYING = ["seq_len", "stride_x_b", "stride_x_t", "stride_dx_b", "stride_dx_t"]
 def token_logprob_fwd_kernel(
     # pointers
     x_ptr,  # (B', T', V) logits, last dim contiguous
-    target_ptr,  # (N,) int64, -1 for rows that are not scored
+    target_ptr,  # (N,) int64, -1 for rows that are not scored, >= V for labels outside this vocabulary slice
     logprob_ptr,  # (N,) float32 out
     lse_ptr,  # (N,) float32 out
     # sizes and strides
@@ -58,7 +58,8 @@ def token_logprob_fwd_kernel(
             acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(b_x - m_safe), axis=0)
             m = m_new
         lse = m + tl.log(acc)
-        label_logit = tl.load(x_row + target).to(tl.float32) * inv_temperature
+        # target >= V: scored, but the label lies in another rank's vocabulary slice (its logit counts as 0)
+        label_logit = tl.load(x_row + target, mask=target < vocab_size, other=0.0).to(tl.float32) * inv_temperature
         tl.store(logprob_ptr + row, label_logit - lse)
         tl.store(lse_ptr + row, lse)
     else:
