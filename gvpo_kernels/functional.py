@@ -1,27 +1,29 @@
-"""gvpo_loss and linear_gvpo_loss: check the arguments, pick a backend, run it inside an autograd.Function.
+"""gvpo_loss and linear_gvpo_loss: check the arguments, then run the loss's torch.library op (gvpo_kernels.ops).
 
 The whole flow, for every backend:
 
-    forward:  token stage   logits -> per-token log-prob and log-sum-exp         (N,), (N,)   reads N x V once
-                            (linear: logits = hidden @ W.T + b, tile by tile, never stored)
-              group stage   -> s_i, r_i, dL/ds_i per sequence, the loss           (S,) ...     O(N + S)
-    backward: token stage   dL/dlogits = grad * dL/ds_i / T * (onehot - softmax)  (N, V)       recomputed from lse
-                            (linear: contracted at once into d_hidden, d_weight, d_bias)
+    here:     static checks   shapes, dtypes, devices, options (layout.check_*); nothing reads a tensor's values
+    the op:   layout          layout.build: the checks that read values; padded/packed -> flat tokens, groups
+              backend         ops.select_backend: C++ kernels on the CPU (cpu.py), Triton on CUDA, torch otherwise
+    forward:  token stage     logits -> per-token log-prob and log-sum-exp         (N,), (N,)   reads N x V once
+                              (linear: logits = hidden @ W.T + b, chunk by chunk, never stored)
+              group stage     -> s_i, r_i, dL/ds_i per sequence, the loss           (S,) ...     O(N + S)
+    backward: token stage     dL/dlogits = grad * dL/ds_i / T * (onehot - softmax)  (N, V)       recomputed from lse
+                              (linear: contracted at once into d_hidden, d_weight, d_bias, during the forward)
 
-Only O(N + S) floats are saved between forward and backward. With ``inplace_backward=True`` the backward of
-gvpo_loss runs at the end of the forward, writing into the logits' own storage.
+Only O(N + S) floats are saved between forward and backward (the linear path keeps its gradients instead). Each
+loss is one custom op with fake shapes and registered autograd, so torch.compile(fullgraph=True) traces it whole.
+With ``inplace_backward=True`` (eager mode) the backward of gvpo_loss runs at the end of the forward, writing into
+the logits' own storage.
 """
 
 from __future__ import annotations
 
-import warnings
-from types import SimpleNamespace
-
 import torch
 
-from . import cpu, layout, torch_impl
-from ._alloc import empty
+from . import layout, ops
 from .layout import GVPOStats
+from .ops import select_backend  # noqa: F401  (picks a backend by name and device; callers and tests use it here)
 
 
 def gvpo_loss(
@@ -59,9 +61,11 @@ def gvpo_loss(
         temperature: the logits are divided by it before the softmax (use the sampling temperature).
         reduction: "mean" over groups (default) or "sum".
         ignore_index: label value of positions that are not scored.
-        backend: "auto" (CUDA -> "triton", otherwise "torch"), "triton", "cpu" or "torch".
+        backend: "auto" (CUDA -> "triton", CPU -> "cpu", the C++ kernels, else "torch"), "triton", "cpu" or
+            "torch".
         inplace_backward: write dL/dlogits into the logits' storage during the forward, so no second N x V buffer
-            exists. The logits are then consumed: their values are overwritten by the gradient.
+            exists. The logits are then consumed: their values are overwritten by the gradient. Eager mode only:
+            under torch.compile the gradient gets a buffer of its own.
         return_stats: also return a :class:`GVPOStats` of per-sequence s_i, r_i and dL/ds_i (detached).
 
     Returns:
@@ -77,46 +81,12 @@ def gvpo_loss(
     """
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
-    vocab_size = layout.check_logits(logits, labels)
-    lay = layout.build(labels, rewards, vocab_size=vocab_size, group_size=group_size, group_ids=group_ids,
-                       mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, ignore_index=ignore_index,
-                       reduction=reduction)
-    impl = select_backend(backend, logits.device)
-    loss, *stats = _GVPOLogitsFunction.apply(logits, impl, lay, float(beta), float(temperature),
-                                             bool(inplace_backward))
+    layout.check_logits(logits, labels)
+    loss, *stats = ops.gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
+                                 cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta,
+                                 temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                                 backend=backend, inplace_backward=inplace_backward)
     return (loss, GVPOStats(*stats)) if return_stats else loss
-
-
-class _GVPOLogitsFunction(torch.autograd.Function):
-    """One autograd.Function for every backend: ``impl`` supplies token_forward, group_stage, token_backward."""
-
-    @staticmethod
-    def forward(ctx, logits, impl, lay, beta, temperature, inplace_backward):
-        rows = layout.as_rows(logits)
-        token_logprob, lse = impl.token_forward(rows, lay.target, temperature)
-        loss, seq_logprob, implicit_reward, grad_seq = impl.group_stage(token_logprob, lay, beta)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq)
-        ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, logits.shape
-        ctx.inplace = inplace_backward and ctx.needs_input_grad[0]
-        if ctx.inplace:  # the gradient for grad_loss = 1, written over the logits
-            impl.token_backward(rows, lay, lse, grad_seq, loss.new_ones(()), temperature, out=rows)
-            ctx.grad_rows = rows  # not save_for_backward: the logits it views were just overwritten on purpose
-        elif ctx.needs_input_grad[0]:
-            ctx.save_for_backward(rows, lse, grad_seq)
-        return loss, seq_logprob, implicit_reward, grad_seq
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        if ctx.inplace:
-            grad = ctx.grad_rows
-            del ctx.grad_rows
-            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-                grad.mul_(grad_loss)
-        else:
-            rows, lse, grad_seq = ctx.saved_tensors
-            grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
-            ctx.impl.token_backward(rows, ctx.lay, lse, grad_seq, grad_loss, ctx.temperature, out=grad)
-        return grad.reshape(ctx.shape), None, None, None, None, None
 
 
 def linear_gvpo_loss(
@@ -149,7 +119,8 @@ def linear_gvpo_loss(
 
     Returns:
         The loss, a float32 scalar; with ``return_stats``, ``(loss, stats)``. Gradients flow to hidden, weight
-        and bias, each in its own dtype; the weight gradient is accumulated in float32.
+        and bias, each in its own dtype; the weight gradient is accumulated in float32. They are computed in the
+        forward (when grad is enabled and an input requires it) and scaled by the upstream gradient in backward.
 
     Example::
 
@@ -162,66 +133,9 @@ def linear_gvpo_loss(
     """
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
-    vocab_size = layout.check_linear(hidden, weight, bias, labels)
-    lay = layout.build(labels, rewards, vocab_size=vocab_size, group_size=group_size, group_ids=group_ids,
-                       mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, ignore_index=ignore_index,
-                       reduction=reduction)
-    impl = select_backend(backend, hidden.device)
-    loss, *stats = _GVPOLinearFunction.apply(hidden, weight, bias, impl, lay, float(beta), float(temperature))
+    layout.check_linear(hidden, weight, bias, labels)
+    loss, *stats = ops.linear_gvpo_loss(hidden, weight, bias, labels, rewards, group_size=group_size,
+                                        group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
+                                        ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
+                                        reduction=reduction, ignore_index=ignore_index, backend=backend)
     return (loss, GVPOStats(*stats)) if return_stats else loss
-
-
-class _GVPOLinearFunction(torch.autograd.Function):
-    """The linear path for every backend: ``impl`` supplies linear_forward, group_stage, linear_backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, impl, lay, beta, temperature):
-        rows = layout.as_rows(hidden)
-        token_logprob, lse = impl.linear_forward(rows, weight, bias, lay.target, temperature)
-        loss, seq_logprob, implicit_reward, grad_seq = impl.group_stage(token_logprob, lay, beta)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq)
-        ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, hidden.shape
-        ctx.save_for_backward(rows, weight, bias, lse, grad_seq)
-        return loss, seq_logprob, implicit_reward, grad_seq
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        rows, weight, bias, lse, grad_seq = ctx.saved_tensors
-        d_hidden, d_weight, d_bias = ctx.impl.linear_backward(rows, weight, bias, ctx.lay, lse, grad_seq,
-                                                              grad_loss, ctx.temperature)
-        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None, None
-
-
-def select_backend(name: str, device: torch.device):
-    """The backend for ``name`` on ``device``: a namespace of token_forward, group_stage, token_backward,
-    linear_forward, linear_backward."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch_impl
-        from .triton import unavailable_reason
-
-        reason = unavailable_reason(device)
-        if reason is None:
-            return _triton_backend()
-        warnings.warn(f"gvpo_kernels: falling back to the torch backend: {reason}", stacklevel=3)
-        return torch_impl
-    if name == "triton":
-        from .triton import unavailable_reason
-
-        reason = unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}")
-        return _triton_backend()
-    if name == "cpu":
-        reason = cpu.unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"backend='cpu' cannot run: {reason}")
-    return torch_impl
-
-
-def _triton_backend():
-    from .triton import group, linear, logprob
-
-    return SimpleNamespace(token_forward=logprob.token_forward, group_stage=group.group_stage,
-                           token_backward=logprob.token_backward, linear_forward=linear.linear_forward,
-                           linear_backward=linear.linear_backward)

@@ -116,6 +116,10 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
         call(gk.gvpo_loss, changed(good, backend="triton"))
 
 
-def test_cpu_backend_says_why_it_cannot_run():
+def test_cpu_backend_says_why_it_cannot_run(monkeypatch):
+    """Where the C++ extension cannot be built (no compiler, say), backend='cpu' raises RuntimeError saying why."""
+    from gvpo_kernels import cpu
+
+    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "the C++ CPU kernels (csrc/) cannot be built: no compiler")
     with pytest.raises(RuntimeError, match="csrc"):
         call(gk.gvpo_loss, changed(good, backend="cpu"))
