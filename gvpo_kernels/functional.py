@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import layout, ops
+from . import distributed, layout, ops
 from .layout import GVPOStats
 from .ops import select_backend  # noqa: F401  (picks a backend by name and device; callers and tests use it here)
 
@@ -43,6 +43,8 @@ def gvpo_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     return_stats: bool = False,
+    group_process_group=None,
+    vocab_process_group=None,
 ):
     """GVPO loss from logits, fused: no softmax or N x V intermediate is ever stored.
 
@@ -67,6 +69,11 @@ def gvpo_loss(
             exists. The logits are then consumed: their values are overwritten by the gradient. Eager mode only:
             under torch.compile the gradient gets a buffer of its own.
         return_stats: also return a :class:`GVPOStats` of per-sequence s_i, r_i and dL/ds_i (detached).
+        group_process_group: a torch.distributed process group over which the sequences of a group are spread;
+            each rank passes its own sequences with global ``group_ids``. The loss is then the global one.
+        vocab_process_group: a process group over which the vocabulary is split in contiguous slices, rank order:
+            each rank passes its columns of the logits and the same global labels. See gvpo_kernels/distributed.py
+            (eager only, no ``inplace_backward``).
 
     Returns:
         The loss, a float32 scalar; with ``return_stats``, ``(loss, stats)``. The gradient of the logits has their
@@ -82,6 +89,14 @@ def gvpo_loss(
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
     layout.check_logits(logits, labels)
+    if group_process_group is not None or vocab_process_group is not None:
+        stats = distributed.gvpo_loss(
+            logits, labels, rewards, impl=ops.select_backend(backend, logits.device),
+            group_process_group=group_process_group, vocab_process_group=vocab_process_group,
+            inplace_backward=inplace_backward, beta=beta, temperature=temperature, group_size=group_size,
+            group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs,
+            ignore_index=ignore_index, reduction=reduction)
+        return (stats[0], GVPOStats(*stats[1:])) if return_stats else stats[0]
     loss, *stats = ops.gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
                                  cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta,
                                  temperature=temperature, reduction=reduction, ignore_index=ignore_index,
@@ -107,6 +122,8 @@ def linear_gvpo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     return_stats: bool = False,
+    group_process_group=None,
+    vocab_process_group=None,
 ):
     """GVPO loss from hidden states and the LM head, without ever materialising the (N, V) logits.
 
@@ -116,6 +133,8 @@ def linear_gvpo_loss(
         weight: (V, H), the LM head in nn.Linear layout (``model.lm_head.weight``), same dtype as hidden.
         bias: (V,) or None.
         labels, rewards and the keywords: as in :func:`gvpo_loss` (no ``inplace_backward``: nothing N x V exists).
+            With ``vocab_process_group`` each rank passes its rows of the weight (and bias); its d_hidden is then
+            its slice's contribution, to be summed over that group (see gvpo_kernels/distributed.py).
 
     Returns:
         The loss, a float32 scalar; with ``return_stats``, ``(loss, stats)``. Gradients flow to hidden, weight
@@ -134,6 +153,13 @@ def linear_gvpo_loss(
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
     layout.check_linear(hidden, weight, bias, labels)
+    if group_process_group is not None or vocab_process_group is not None:
+        stats = distributed.linear_gvpo_loss(
+            hidden, weight, bias, labels, rewards, impl=ops.select_backend(backend, hidden.device),
+            group_process_group=group_process_group, vocab_process_group=vocab_process_group, beta=beta,
+            temperature=temperature, group_size=group_size, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
+            ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction)
+        return (stats[0], GVPOStats(*stats[1:])) if return_stats else stats[0]
     loss, *stats = ops.linear_gvpo_loss(hidden, weight, bias, labels, rewards, group_size=group_size,
                                         group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
                                         ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
