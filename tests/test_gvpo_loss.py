@@ -13,6 +13,7 @@ from cases import Case, check_against_oracle, make_inputs, run
 from conftest import DEVICE
 
 import gvpo_kernels as gk
+from gvpo_kernels import cpu
 
 BASE = Case()
 ONE_FACTOR = [
@@ -154,10 +155,12 @@ def test_auto_backend_runs_on_this_device():
     torch.testing.assert_close(got[0], want[0])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_garbage_logits_at_unscored_positions_do_not_leak(backend):
     """NaN and inf logits at padding positions leave the loss finite and their gradient exactly zero."""
-    inputs = make_inputs(Case(groups=(2, 2), seq_len=6, vocab=23), DEVICE)
+    if backend == "cpu" and cpu.unavailable_reason() is not None:
+        pytest.skip(cpu.unavailable_reason())
+    inputs = make_inputs(Case(groups=(2, 2), seq_len=6, vocab=23), torch.device("cpu") if backend == "cpu" else DEVICE)
     logits, mask = inputs["logits"].detach().clone(), inputs["kwargs"]["mask"]
     want = run(gk.reference.gvpo_loss, logits.clone().requires_grad_(), inputs["labels"], inputs["rewards"],
                inputs["kwargs"])
