@@ -27,6 +27,7 @@ LINEAR_CASES = [
     BASE.replace(groups=(2,)),
     BASE.replace(groups=(2, 3, 1, 5)),
     BASE.replace(groups=(2, 3, 1, 5), shuffled=True),
+    BASE.replace(groups=(8, 6, 1, 7), shuffled=True, seq_len=9),  # group sizes up to 8
     BASE.replace(vocab=1),
     BASE.replace(vocab=3001),
     BASE.replace(seq_len=1),
