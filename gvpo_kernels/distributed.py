@@ -67,24 +67,26 @@ def gvpo_loss(logits, labels, rewards, *, impl, group_process_group, vocab_proce
     """loss, seq_logprob, implicit_reward, grad_seq_logprob of the logits path across ranks."""
     if inplace_backward:
         raise ValueError("inplace_backward is not supported together with a process group")
-    lay, ranks = _prepare(logits.shape[-1], labels, rewards, group_process_group, vocab_process_group, beta,
-                          temperature, build_args)
+    lay, ranks = _prepare(logits.shape[-1], logits.device, labels, rewards, group_process_group,
+                          vocab_process_group, beta, temperature, build_args)
     return _LogitsAcrossRanks.apply(logits, impl, lay, ranks, float(beta), float(temperature))
 
 
 def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, impl, group_process_group, vocab_process_group,
                      beta, temperature, **build_args):
     """loss, seq_logprob, implicit_reward, grad_seq_logprob of the linear path across ranks."""
-    lay, ranks = _prepare(weight.shape[0], labels, rewards, group_process_group, vocab_process_group, beta,
-                          temperature, build_args)
+    lay, ranks = _prepare(weight.shape[0], hidden.device, labels, rewards, group_process_group,
+                          vocab_process_group, beta, temperature, build_args)
     return _LinearAcrossRanks.apply(hidden, weight, bias, impl, lay, ranks, float(beta), float(temperature))
 
 
-def _prepare(local_vocab: int, labels, rewards, group_pg, vocab_pg, beta, temperature, build_args):
+def _prepare(local_vocab: int, device, labels, rewards, group_pg, vocab_pg, beta, temperature, build_args):
     """Check the input on every rank, exchanging an error flag with the first collective of each process group,
     so that a bad input on one rank raises on all of them instead of leaving the others waiting. The same
     exchange compares what the ranks must agree on: the settings (beta, temperature, reduction) on both groups,
     and on the vocabulary group the tokens themselves (a fingerprint of labels, mask, rewards, anchor and groups).
+
+    Every exchanged tensor lives on ``device`` (the input's), as NCCL needs for CUDA and gloo accepts.
 
     Returns the Layout, with targets local to this rank's vocabulary slice (>= local_vocab for a label in another
     slice), and the :class:`Ranks` of the call.
@@ -98,7 +100,7 @@ def _prepare(local_vocab: int, labels, rewards, group_pg, vocab_pg, beta, temper
     if vocab_pg is not None:
         tokens = _code(tuple(_fingerprint(build_args[k]) for k in ("group_ids", "mask", "cu_seqlens", "ref_logprobs"))
                       + (_fingerprint(labels), _fingerprint(rewards), build_args["group_size"]))
-        everyone = _all_gather_ints([local_vocab, problem is not None, settings, tokens], vocab_pg)
+        everyone = _all_gather_ints([local_vocab, problem is not None, settings, tokens], vocab_pg, device)
         if problem is None and any(flag for _, flag, _, _ in everyone):
             problem = InputError("another rank of vocab_process_group failed its input checks (see its error)")
         if problem is None and len({(s, t) for _, _, s, t in everyone}) > 1:
@@ -113,13 +115,13 @@ def _prepare(local_vocab: int, labels, rewards, group_pg, vocab_pg, beta, temper
             lay = layout.build(labels, rewards, vocab_size=vocab_total, **build_args)
         except (ValueError, TypeError) as exc:
             problem = exc
-    group_index, num_groups = torch.zeros(0, dtype=torch.int64), 0
+    group_index, num_groups = torch.zeros(0, dtype=torch.int64, device=device), 0
     if group_pg is not None:
-        local_ids = group_ids.to(torch.int64).unique().cpu() if lay is not None else torch.zeros(0, dtype=torch.int64)
+        local_ids = group_index if lay is None else group_ids.to(torch.int64).unique()
         local_max = int(local_ids[-1]) if local_ids.numel() else torch.iinfo(torch.int64).min
         # MAX of (v, -v) over the ranks gives (max v, -min v): equal settings iff max == min
         state = torch.tensor([local_max, local_ids.numel(), problem is not None, settings, -settings],
-                             dtype=torch.int64)
+                             dtype=torch.int64, device=device)
         dist.all_reduce(state, op=dist.ReduceOp.MAX, group=group_pg)
         largest_id, most_ids, flagged, most, least = state.tolist()
         if problem is None and flagged:
@@ -134,7 +136,7 @@ def _prepare(local_vocab: int, labels, rewards, group_pg, vocab_pg, beta, temper
             dist.all_gather(everyone, padded, group=group_pg)
             all_ids = torch.cat(everyone).unique()  # sorted
             num_groups = all_ids.numel()
-            group_index = torch.searchsorted(all_ids, group_ids.to(torch.int64).cpu()).to(lay.rewards.device)
+            group_index = torch.searchsorted(all_ids, group_ids.to(torch.int64))
     if problem is not None:
         raise problem
     if vocab_pg is not None:
@@ -168,8 +170,8 @@ def _fingerprint(value) -> int:
     return _code((tuple(value.shape), _float_bits(torch.nan_to_num(flat).dot(weights).item())))
 
 
-def _all_gather_ints(values, group):
-    mine = torch.tensor([int(v) for v in values], dtype=torch.int64)
+def _all_gather_ints(values, group, device):
+    mine = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     return [tuple(t.tolist()) for t in everyone]
