@@ -131,3 +131,35 @@ def test_linear_new_lengths_do_not_recompile():
     for seq_len in [1, 16, 33, 100, 257]:
         step(seq_len)
     assert [_compiled_variants(k) for k in kernels] == before
+
+
+def test_across_ranks_with_nccl(tmp_path):
+    """The distributed path on CUDA tensors through NCCL (which takes CUDA tensors only), on one rank: a group split
+    and a vocabulary split of one rank each must give what the single-process call gives."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_nccl_available():
+        pytest.skip("torch.distributed with NCCL is not available")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        logits, labels, rewards, kwargs = _inputs(8, 33, 4099, torch.bfloat16)
+        kwargs["group_ids"] = torch.arange(8, device="cuda") // kwargs.pop("group_size") * 1000 - 7  # any int64 ids
+        hidden = torch.randn(8, 33, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weight = (torch.randn(4099, 64, device="cuda") / 8).to(torch.bfloat16).requires_grad_()
+        ranks = dict(group_process_group=dist.group.WORLD, vocab_process_group=dist.group.WORLD)
+
+        def call(loss_fn, leaves, **extra):
+            for leaf in leaves:
+                leaf.grad = None
+            loss, stats = loss_fn(*leaves, labels, rewards, backend="triton", return_stats=True, **kwargs, **extra)
+            loss.backward()
+            return [loss.detach(), *stats, *(leaf.grad.float() for leaf in leaves)]
+
+        for loss_fn, leaves in ((gk.gvpo_loss, [logits]), (gk.linear_gvpo_loss, [hidden, weight])):
+            want, got = call(loss_fn, leaves), call(loss_fn, leaves, **ranks)
+            for g, w in zip(got[:4], want[:4]):  # loss and stats, float32
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+            for g, w in zip(got[4:], want[4:]):  # bfloat16 gradients: a rounding may land one ulp apart
+                torch.testing.assert_close(g, w, rtol=1.6e-2, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
