@@ -112,7 +112,8 @@ def run_splits(rank: int, world: int, init_file: str, backend: str) -> None:
         whole = {2: [order[:6], order[6:]], 3: [order[:2], order[2:6], order[6:]]}[world]
         split = {2: [order[[0, 2, 3, 6]], order[[1, 4, 5, 7, 8]]],  # group 1 split 2 + 2, groups 0 and 2 1 + 1
                  3: [order[[0, 2, 3]], order[[1, 4, 5, 8]], order[[6, 7]]]}[world]
-        uneven = {2: [order[[3]], order[[0, 1, 2, 4, 5, 6, 7, 8]]], 3: [order[[7]], order[:3], order[[3, 4, 5, 6, 8]]]}[world]
+        uneven = {2: [order[[3]], order[[0, 1, 2, 4, 5, 6, 7, 8]]],
+                  3: [order[[7]], order[:3], order[[3, 4, 5, 6, 8]]]}[world]
         even_vocab = {2: [(0, 18), (18, 37)], 3: [(0, 12), (12, 25), (25, 37)]}[world]
         uneven_vocab = {2: [(0, 5), (5, 37)], 3: [(0, 30), (30, 31), (31, 37)]}[world]
         for path in ("logits", "linear"):
