@@ -49,6 +49,36 @@ class Case:
         return "-".join([DTYPE_NAMES[self.dtype]] + parts).replace(" ", "")
 
 
+# Each entry changes one factor of a base case; both paths' grids are their base followed by these (and their own).
+ONE_FACTOR_CHANGES = [
+    dict(layout="packed"),
+    dict(groups=(1,)),
+    dict(groups=(2,)),
+    dict(groups=(2, 3, 1, 5)),
+    dict(groups=(2, 3, 1, 5), shuffled=True),
+    dict(groups=(8, 6, 1, 7), shuffled=True, seq_len=9),  # group sizes up to 8
+    dict(vocab=1),
+    dict(vocab=3001),
+    dict(seq_len=1),
+    dict(mask="none"),
+    dict(mask="empty"),
+    dict(anchor=False),
+    dict(temperature=0.7),
+    dict(reduction="sum"),
+    dict(beta=1.0),
+    dict(dtype=torch.bfloat16),
+    dict(dtype=torch.float16),
+    dict(dtype=torch.float64),
+    dict(ignore=True),
+    dict(sliced=True),
+]
+
+
+def one_factor(base: Case, *changes: dict) -> list[Case]:
+    """``base``, then ``base`` with each change of ONE_FACTOR_CHANGES and of ``changes`` applied alone."""
+    return [base] + [base.replace(**change) for change in (*ONE_FACTOR_CHANGES, *changes)]
+
+
 def make_inputs(case: Case, device) -> dict:
     """Inputs of one case: logits (leaf, requires grad), labels, rewards and the keyword arguments.
 

@@ -9,37 +9,14 @@ import random
 
 import pytest
 import torch
-from cases import Case, check_against_oracle, make_inputs, run
+from cases import Case, check_against_oracle, make_inputs, one_factor, run
 from conftest import DEVICE
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu
 
 BASE = Case()
-ONE_FACTOR = [
-    BASE,
-    BASE.replace(layout="packed"),
-    BASE.replace(groups=(1,)),
-    BASE.replace(groups=(2,)),
-    BASE.replace(groups=(2, 3, 1, 5)),
-    BASE.replace(groups=(2, 3, 1, 5), shuffled=True),
-    BASE.replace(groups=(8, 6, 1, 7), shuffled=True, seq_len=9),  # group sizes up to 8
-    BASE.replace(vocab=1),
-    BASE.replace(vocab=3001),
-    BASE.replace(seq_len=1),
-    BASE.replace(mask="none"),
-    BASE.replace(mask="empty"),
-    BASE.replace(anchor=False),
-    BASE.replace(temperature=0.7),
-    BASE.replace(reduction="sum"),
-    BASE.replace(beta=1.0),
-    BASE.replace(dtype=torch.bfloat16),
-    BASE.replace(dtype=torch.float16),
-    BASE.replace(dtype=torch.float64),
-    BASE.replace(ignore=True),
-    BASE.replace(sliced=True),
-    BASE.replace(inplace=True),
-]
+ONE_FACTOR = one_factor(BASE, dict(inplace=True))
 COMBINED = [
     Case(layout="packed", groups=(2, 3, 1, 5), shuffled=True, ignore=True, temperature=0.7, reduction="sum"),
     Case(layout="packed", dtype=torch.bfloat16, inplace=True, vocab=3001, mask="empty"),

@@ -6,7 +6,7 @@ use for), plus hidden sizes 16, 64, 96, a bias, and vocabularies that are not mu
 
 import pytest
 import torch
-from cases import Case, check_linear_against_oracle, make_inputs
+from cases import Case, check_linear_against_oracle, make_inputs, one_factor
 from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -17,31 +17,7 @@ from gvpo_kernels.functional import select_backend
 from gvpo_kernels.triton import linear as triton_linear
 
 BASE = Case(hidden_size=64, vocab=257, seq_len=17)
-LINEAR_CASES = [
-    BASE,
-    BASE.replace(hidden_size=16),
-    BASE.replace(hidden_size=96),
-    BASE.replace(bias=True),
-    BASE.replace(layout="packed"),
-    BASE.replace(groups=(1,)),
-    BASE.replace(groups=(2,)),
-    BASE.replace(groups=(2, 3, 1, 5)),
-    BASE.replace(groups=(2, 3, 1, 5), shuffled=True),
-    BASE.replace(groups=(8, 6, 1, 7), shuffled=True, seq_len=9),  # group sizes up to 8
-    BASE.replace(vocab=1),
-    BASE.replace(vocab=3001),
-    BASE.replace(seq_len=1),
-    BASE.replace(mask="none"),
-    BASE.replace(mask="empty"),
-    BASE.replace(anchor=False),
-    BASE.replace(temperature=0.7),
-    BASE.replace(reduction="sum"),
-    BASE.replace(beta=1.0),
-    BASE.replace(dtype=torch.bfloat16),
-    BASE.replace(dtype=torch.float16),
-    BASE.replace(dtype=torch.float64),
-    BASE.replace(ignore=True),
-    BASE.replace(sliced=True),
+LINEAR_CASES = one_factor(BASE, dict(hidden_size=16), dict(hidden_size=96), dict(bias=True)) + [
     Case(hidden_size=96, bias=True, layout="packed", groups=(2, 3, 1, 5), shuffled=True, ignore=True,
          temperature=0.7, reduction="sum", vocab=1000),
     Case(hidden_size=16, bias=True, dtype=torch.bfloat16, sliced=True, mask="empty", vocab=3001, seq_len=9),
