@@ -39,7 +39,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import layout
+from . import layout, torch_impl
 from ._alloc import empty
 from .layout import Layout
 
@@ -201,12 +201,7 @@ def combine_vocab_slices(token_logprob, lse, target, group):
 def group_stage_across_ranks(token_logprob, lay: Layout, beta: float, ranks: Ranks):
     """The group stage when a group's sequences sit on several ranks: the global loss, and for the local sequences
     s, r and dL/ds as one process holding every sequence would compute them (float64 for the group sums)."""
-    seq_logprob = token_logprob.new_zeros(lay.num_seqs).index_add_(0, lay.token_seq, token_logprob)
-    if lay.token_ref is None:
-        seq_ref = seq_logprob
-    else:
-        seq_ref = token_logprob.new_zeros(lay.num_seqs).index_add_(0, lay.token_seq, lay.token_ref)
-    implicit_reward = beta * (seq_logprob - seq_ref)
+    seq_logprob, implicit_reward = torch_impl.sequence_stats(token_logprob, lay, beta)
     x = (implicit_reward - lay.rewards).double()
 
     ids = ranks.group_index

@@ -96,16 +96,20 @@ def token_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
     return token_logprob, lse
 
 
-def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float):
-    """Sequence sums, group centring and dL/ds (see DESIGN.md section 1) for S sequences in G groups."""
-    num_seqs, num_groups = lay.num_seqs, lay.num_groups
-    seq_logprob = token_logprob.new_zeros(num_seqs).index_add_(0, lay.token_seq, token_logprob)
+def sequence_stats(token_logprob: torch.Tensor, lay: Layout, beta: float):
+    """(S,) s_i, the sum of each sequence's token log-probs, and r_i = beta * (s_i - a_i) (a_i = s_i on-policy)."""
+    seq_logprob = token_logprob.new_zeros(lay.num_seqs).index_add_(0, lay.token_seq, token_logprob)
     if lay.token_ref is None:
         seq_ref = seq_logprob
     else:
-        seq_ref = token_logprob.new_zeros(num_seqs).index_add_(0, lay.token_seq, lay.token_ref)
-    implicit_reward = beta * (seq_logprob - seq_ref)
+        seq_ref = token_logprob.new_zeros(lay.num_seqs).index_add_(0, lay.token_seq, lay.token_ref)
+    return seq_logprob, beta * (seq_logprob - seq_ref)
 
+
+def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float):
+    """Sequence sums, group centring and dL/ds (see DESIGN.md section 1) for S sequences in G groups."""
+    num_groups = lay.num_groups
+    seq_logprob, implicit_reward = sequence_stats(token_logprob, lay, beta)
     counts = (lay.group_ptr[1:] - lay.group_ptr[:-1]).float()
 
     def centred(values):
