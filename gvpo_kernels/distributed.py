@@ -39,7 +39,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import layout, torch_impl
+from . import layout, ops, torch_impl
 from ._alloc import empty
 from .layout import Layout
 
@@ -62,25 +62,27 @@ class Ranks:
 # entry points (functional.py routes here when a process group is given)
 
 
-def gvpo_loss(logits, labels, rewards, *, impl, group_process_group, vocab_process_group, inplace_backward,
+def gvpo_loss(logits, labels, rewards, *, backend, group_process_group, vocab_process_group, inplace_backward,
               beta, temperature, **build_args):
     """loss, seq_logprob, implicit_reward, grad_seq_logprob of the logits path across ranks."""
+    problem = None
     if inplace_backward:
-        raise ValueError("inplace_backward is not supported together with a process group")
-    lay, ranks = _prepare(logits.shape[-1], logits.device, labels, rewards, group_process_group,
-                          vocab_process_group, beta, temperature, build_args)
+        problem = ValueError("inplace_backward is not supported together with a process group")
+    impl, lay, ranks = _prepare(logits.shape[-1], logits.device, backend, labels, rewards, group_process_group,
+                                vocab_process_group, beta, temperature, build_args, problem)
     return _LogitsAcrossRanks.apply(logits, impl, lay, ranks, float(beta), float(temperature))
 
 
-def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, impl, group_process_group, vocab_process_group,
+def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, backend, group_process_group, vocab_process_group,
                      beta, temperature, **build_args):
     """loss, seq_logprob, implicit_reward, grad_seq_logprob of the linear path across ranks."""
-    lay, ranks = _prepare(weight.shape[0], hidden.device, labels, rewards, group_process_group,
-                          vocab_process_group, beta, temperature, build_args)
+    impl, lay, ranks = _prepare(weight.shape[0], hidden.device, backend, labels, rewards, group_process_group,
+                                vocab_process_group, beta, temperature, build_args)
     return _LinearAcrossRanks.apply(hidden, weight, bias, impl, lay, ranks, float(beta), float(temperature))
 
 
-def _prepare(local_vocab: int, device, labels, rewards, group_pg, vocab_pg, beta, temperature, build_args):
+def _prepare(local_vocab: int, device, backend: str, labels, rewards, group_pg, vocab_pg, beta, temperature,
+             build_args, problem=None):
     """Check the input on every rank, exchanging an error flag with the first collective of each process group,
     so that a bad input on one rank raises on all of them instead of leaving the others waiting. The same
     exchange compares what the ranks must agree on: the settings (beta, temperature, reduction) on both groups,
@@ -88,12 +90,18 @@ def _prepare(local_vocab: int, device, labels, rewards, group_pg, vocab_pg, beta
 
     Every exchanged tensor lives on ``device`` (the input's), as NCCL needs for CUDA and gloo accepts.
 
-    Returns the Layout, with targets local to this rank's vocabulary slice (>= local_vocab for a label in another
-    slice), and the :class:`Ranks` of the call.
+    ``problem``: an error the caller already found, raised after the exchanges like any other.
+
+    Returns the backend for ``backend`` on ``device`` (ops.select_backend), the Layout, with targets local to this
+    rank's vocabulary slice (>= local_vocab for a label in another slice), and the :class:`Ranks` of the call.
     """
-    problem = None
+    impl = None
+    try:
+        impl = ops.select_backend(backend, device)
+    except RuntimeError as exc:  # a backend that cannot run on this rank
+        problem = problem or exc
     group_ids = build_args["group_ids"]
-    if group_pg is not None and group_ids is None:
+    if problem is None and group_pg is not None and group_ids is None:
         problem = ValueError("group_process_group needs group_ids: the global group id of each local sequence")
     settings = _code((_float_bits(beta), _float_bits(temperature), build_args["reduction"], build_args["ignore_index"]))
     vocab_offset, vocab_total = 0, local_vocab
@@ -146,7 +154,7 @@ def _prepare(local_vocab: int, device, labels, rewards, group_pg, vocab_pg, beta
         lay = dataclasses.replace(lay, target=torch.where(target >= 0, local, target))
     ranks = Ranks(group_pg=group_pg, vocab_pg=vocab_pg,
                   group_index=group_index, num_groups=num_groups, reduction_mean=build_args["reduction"] == "mean")
-    return lay, ranks
+    return impl, lay, ranks
 
 
 def _code(parts) -> int:

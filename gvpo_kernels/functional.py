@@ -91,7 +91,7 @@ def gvpo_loss(
     layout.check_logits(logits, labels)
     if group_process_group is not None or vocab_process_group is not None:
         stats = distributed.gvpo_loss(
-            logits, labels, rewards, impl=ops.select_backend(backend, logits.device),
+            logits, labels, rewards, backend=backend,
             group_process_group=group_process_group, vocab_process_group=vocab_process_group,
             inplace_backward=inplace_backward, beta=beta, temperature=temperature, group_size=group_size,
             group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs,
@@ -155,7 +155,7 @@ def linear_gvpo_loss(
     layout.check_linear(hidden, weight, bias, labels)
     if group_process_group is not None or vocab_process_group is not None:
         stats = distributed.linear_gvpo_loss(
-            hidden, weight, bias, labels, rewards, impl=ops.select_backend(backend, hidden.device),
+            hidden, weight, bias, labels, rewards, backend=backend,
             group_process_group=group_process_group, vocab_process_group=vocab_process_group, beta=beta,
             temperature=temperature, group_size=group_size, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
             ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction)

@@ -5,6 +5,7 @@ sequences for a group split, its vocabulary columns or weight rows for a vocabul
 the process groups, and compares its loss and gradients with the float64 reference on the full problem.
 """
 
+import datetime
 import os
 import sys
 
@@ -23,7 +24,9 @@ TOLERANCE = 1e-5  # float32 against the float64 oracle, relative
 
 def init(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a rank left waiting (a check that raised on one rank only) fails the test in a minute, not gloo's 30
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
 
 
 def finish() -> None:
@@ -152,6 +155,19 @@ def run_bad_inputs(rank: int, world: int, init_file: str, backend: str) -> None:
         assert "group_ids" in str(exc) or "another rank" in str(exc), str(exc)
     else:
         raise AssertionError("a wrong group setup was accepted")
+
+    # one rank asks for inplace_backward, which a process group does not support: ValueError there, InputError on
+    # the others (the check runs before the exchanges, not instead of them)
+    try:
+        gk.gvpo_loss(full["logits"][seqs].requires_grad_(), full["labels"][seqs], full["rewards"][seqs],
+                     backend=backend, group_ids=full["group_ids"][seqs], group_process_group=everyone,
+                     inplace_backward=rank == 0)
+    except (ValueError, distributed.InputError) as exc:
+        expected = ValueError if rank == 0 else distributed.InputError
+        assert type(exc) is expected, (rank, exc)
+        assert "inplace_backward" in str(exc) or "another rank" in str(exc), str(exc)
+    else:
+        raise AssertionError("inplace_backward with a process group was accepted")
 
     # a label outside every vocabulary slice (>= the total vocabulary): ValueError naming labels, on every rank
     labels = full["labels"].clone()
