@@ -88,6 +88,10 @@ def gvpo_loss(
     """
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
+    layout.check_flag("inplace_backward", inplace_backward)
+    layout.check_flag("return_stats", return_stats)
+    layout.check_process_group("group_process_group", group_process_group)
+    layout.check_process_group("vocab_process_group", vocab_process_group)
     layout.check_logits(logits, labels)
     if group_process_group is not None or vocab_process_group is not None:
         stats = distributed.gvpo_loss(
@@ -152,6 +156,9 @@ def linear_gvpo_loss(
     """
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
+    layout.check_flag("return_stats", return_stats)
+    layout.check_process_group("group_process_group", group_process_group)
+    layout.check_process_group("vocab_process_group", vocab_process_group)
     layout.check_linear(hidden, weight, bias, labels)
     if group_process_group is not None or vocab_process_group is not None:
         stats = distributed.linear_gvpo_loss(

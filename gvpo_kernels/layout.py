@@ -22,6 +22,8 @@ BACKENDS = ("auto", "triton", "cpu", "torch")
 REDUCTIONS = ("mean", "sum")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32: beta and temperature stay normal
+_FLOAT32_MAX = 1.0 / _FLOAT32_TINY  # 2^126 ~ 8.5e37, so that 1 / value is a normal float32 too
 
 
 class GVPOStats(NamedTuple):
@@ -92,17 +94,64 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_options(*, beta, temperature, reduction, ignore_index, backend) -> None:
-    """Check the scalar keyword arguments shared by both losses."""
-    _check_real("beta", beta)
-    _check_real("temperature", temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    """Check the scalar keyword arguments shared by both losses (and the token statistics, which pass beta=None)."""
+    if beta is not None:
+        _check_positive_float32("beta", beta, "GVPO's beta is a KL coefficient: 0 gives no gradient and a "
+                                "negative one trains the policy away from the reward")
+    _check_positive_float32("temperature", temperature, "the logits are divided by it")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int64("ignore_index", ignore_index)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_flag(name, value) -> None:
+    """A boolean option: ``True`` or ``False`` (or a numpy bool), never a truthy string or number."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_process_group(name, value) -> None:
+    """None or a torch.distributed ProcessGroup."""
+    if value is None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(value).__name__}")
+
+
+def check_int64(name, value) -> None:
+    """An integer option (numpy integers too, not bool) that fits in int64, as the kernels hold it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= int(value) < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+
+
+def check_count(name, value) -> None:
+    """A positive integer option that fits in int64 (group_size)."""
+    check_int64(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_positive_float32(name, value, why: str) -> None:
+    """A real number > 0 that float32 holds as a normal number with a finite reciprocal, as the kernels use it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large to represent as a float, got {value:.3g}") from None
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if not as_float > 0:
+        raise ValueError(f"{name} must be > 0 ({why}), got {value}")
+    if not _FLOAT32_TINY <= as_float <= _FLOAT32_MAX:
+        raise ValueError(f"{name} must lie in [{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}] to be computed in float32, "
+                         f"got {value:.3g}")
 
 
 def check_logits(logits, labels) -> int:
@@ -157,11 +206,19 @@ def _check_labels(labels, shape, against: str, device) -> None:
     _check_device("labels", labels, device)
 
 
-def _check_real(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+def has_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of ``x`` may share memory (an ``expand``ed or overlapping ``as_strided`` view).
+
+    Exact for the usual layouts: sorted by stride, each dimension must step past everything the smaller ones span.
+    """
+    if x.numel() == 0:
+        return False
+    span = 0  # the largest offset reachable through the dimensions seen so far
+    for stride, size in sorted((abs(st), n) for st, n in zip(x.stride(), x.shape) if n > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _check_tensor(name, value) -> None:
@@ -216,9 +273,6 @@ def build(
         num_seqs, seq_len = labels.shape
         cu = torch.arange(num_seqs + 1, device=device) * seq_len
         token_seq = torch.arange(num_tokens, device=device) // max(seq_len, 1)
-    if num_seqs < 1:
-        raise ValueError("the input must hold at least one sequence")
-
     _check_tensor("rewards", rewards)
     if not rewards.is_floating_point():
         raise TypeError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
@@ -267,7 +321,7 @@ def build(
         ref_ok = ~(scored & ~torch.isfinite(flat_ref)).any()
         token_ref = torch.where(scored, flat_ref, torch.zeros_like(flat_ref))
 
-    rewards32 = rewards.detach().float()
+    rewards32 = rewards.detach().float().contiguous()  # kernels read it through a raw pointer
     # One device sync for every value check; the details are worked out only on the error path.
     mask_ok, labels_ok, ref_ok, rewards_ok = torch.stack(
         [mask_ok, labels_ok, ref_ok, torch.isfinite(rewards32).all()]
@@ -296,7 +350,7 @@ def build(
         group_order=group_order,
         group_ptr=group_ptr,
         max_group_size=max_group_size,
-        scale=1.0 / num_groups if reduction == "mean" else 1.0,
+        scale=1.0 / max(num_groups, 1) if reduction == "mean" else 1.0,
     )
 
 
@@ -304,8 +358,8 @@ def _check_cu_seqlens(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     _check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     _check_device("cu_seqlens", cu_seqlens, device)
     cu = cu_seqlens.to("cpu", torch.int64)
     if cu[0].item() != 0:
@@ -322,10 +376,8 @@ def _groups(group_size, group_ids, num_seqs: int, device):
     if (group_size is None) == (group_ids is None):
         raise ValueError("pass exactly one of group_size (consecutive runs of k sequences) or group_ids (S,)")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        check_count("group_size", group_size)
+        group_size = int(group_size)
         if num_seqs % group_size:
             raise ValueError(f"the number of sequences S={num_seqs} is not divisible by group_size={group_size}")
         seq_group = torch.arange(num_seqs) // group_size
@@ -343,4 +395,4 @@ def _groups(group_size, group_ids, num_seqs: int, device):
     ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=ptr[1:])
     to = dict(device=device, dtype=torch.int64, non_blocking=True)
-    return seq_group.to(**to), order.to(**to), ptr.to(**to), int(counts.max())
+    return seq_group.to(**to), order.to(**to), ptr.to(**to), int(counts.max()) if counts.numel() else 0

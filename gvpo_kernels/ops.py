@@ -1,18 +1,25 @@
-"""The two losses as torch.library custom ops (namespace ``gvpo``), which torch.compile traces as single nodes.
+"""The two losses' autograd: eager autograd.Functions, and torch.library custom ops (namespace ``gvpo``) that
+torch.compile traces as single nodes. Both run the same implementation functions below.
 
     gvpo::gvpo_loss(logits, labels, rewards, ...)         -> loss, s, r, dL/ds (S,), lse, target, token_seq (N,)
     gvpo::gvpo_loss_backward(logits, target, token_seq, lse, dL/ds, grad_loss, ...)          -> dL/dlogits
     gvpo::linear_gvpo_loss(hidden, weight, bias, labels, rewards, ...)
                                                           -> loss, s, r, dL/ds, d_hidden, d_weight, d_bias
 
-An op's implementation always runs eagerly, compiled caller or not: it builds the Layout (``layout.build``: the
-checks that need the values, before any kernel) and runs the backend that :func:`select_backend` picks for the
-device: the C++ kernels on the CPU (``cpu``), Triton on CUDA, chunked torch elsewhere. The compiler sees only the
-fake implementations (output shapes from input shapes) and the autograd formulas registered here.
+Eager calls go through plain autograd.Functions (:class:`_LogitsLoss`, :class:`_InplaceLogitsLoss`,
+:class:`_LinearLoss`): calling a custom op imports torch's compile machinery (sympy, fake tensors: ~900 modules,
+~150 MB), which an eager caller should not pay for. Under torch.compile the ops run, so the compiler sees only
+their fake implementations (output shapes from input shapes) and the autograd formulas registered here.
 
-The logits op saves O(N) floats and recomputes the softmax in its backward op. The linear op computes its gradients
-in the forward, for grad_loss = 1, and its backward scales them: its outputs then have the same shapes whichever
-GEMM schedule the backend picks (``cpu.linear_loss_and_grads``), and nothing N x V is ever kept.
+Either way the implementation runs eagerly: it builds the Layout (``layout.build``: the checks that need the
+values, before any kernel) and runs the backend that :func:`select_backend` picks for the device: the C++ kernels
+on the CPU (``cpu``), Triton on CUDA, chunked torch elsewhere.
+
+The logits path saves O(N) floats and recomputes the softmax in its backward. The linear path computes its
+gradients in the forward, for grad_loss = 1, and its backward scales them: its outputs then have the same shapes
+whichever GEMM schedule the backend picks (``cpu.linear_loss_and_grads``), and nothing N x V is ever kept.
+Neither is twice differentiable: a backward with ``create_graph=True`` raises, rather than return a gradient
+that silently has no graph.
 
 :func:`gvpo_loss` and :func:`linear_gvpo_loss` are what functional.py calls.
 """
@@ -45,10 +52,12 @@ def gvpo_loss(logits, labels, rewards, *, group_size, group_ids, mask, cu_seqlen
                  ref_logprobs=ref_logprobs)
     args = (labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, _int_or_none(group_size), float(beta),
             float(temperature), reduction, int(ignore_index), backend)
-    if inplace_backward and logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        loss, seq_logprob, implicit_reward, grad_seq_logprob, *_ = logits_loss_op(logits, *args)
+        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
         return _InplaceLogitsLoss.apply(logits, *args)
-    loss, seq_logprob, implicit_reward, grad_seq_logprob, *_ = logits_loss_op(logits, *args)
-    return loss, seq_logprob, implicit_reward, grad_seq_logprob
+    return _LogitsLoss.apply(logits, *args)
 
 
 def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, group_size, group_ids, mask, cu_seqlens, ref_logprobs,
@@ -58,12 +67,14 @@ def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, group_size, group
     _check_kinds(hidden.device, group_size, rewards=rewards, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
                  ref_logprobs=ref_logprobs)
     grad_on = torch.is_grad_enabled()
-    loss, seq_logprob, implicit_reward, grad_seq_logprob, *_ = linear_loss_op(
-        hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, _int_or_none(group_size),
-        float(beta),
-        float(temperature), reduction, int(ignore_index), backend, grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
-    return loss, seq_logprob, implicit_reward, grad_seq_logprob
+    args = (hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs,
+            _int_or_none(group_size), float(beta), float(temperature), reduction, int(ignore_index), backend,
+            grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    if torch.compiler.is_compiling():
+        loss, seq_logprob, implicit_reward, grad_seq_logprob, *_ = linear_loss_op(*args)
+        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+    return _LinearLoss.apply(*args)
 
 
 def _check_kinds(device, group_size, **tensors) -> None:
@@ -73,8 +84,8 @@ def _check_kinds(device, group_size, **tensors) -> None:
         if value is not None or name == "rewards":
             layout._check_tensor(name, value)
             layout._check_device(name, value, device)
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral)):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size is not None:
+        layout.check_count("group_size", group_size)
 
 
 def _int_or_none(value):
@@ -104,8 +115,153 @@ def _num_seqs(labels, cu_seqlens) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 0
 
 
+def no_double_backward(name: str) -> None:
+    """Raise if a backward runs with create_graph=True (grad mode is on inside backward only then): these losses'
+    gradients are computed by kernels, not by differentiable torch ops, so a second derivative would silently be 0."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"gvpo_kernels.{name} is not twice differentiable: backward(create_graph=True) or "
+                           "torch.autograd.grad(..., create_graph=True) through it is not supported (a gradient "
+                           "penalty on its gradient would silently be zero); use gvpo_kernels.reference for that")
+
+
+def _second_backward(name: str, why: str) -> RuntimeError:
+    return RuntimeError(f"gvpo_kernels.{name}: a second backward through the same call is not supported ({why}); "
+                        "run the loss again for a second backward")
+
+
+def _backend_for(name: str, device: torch.device, num_tokens: int, num_seqs: int):
+    """The backend for a call; an empty call (no token or no sequence) runs the torch backend, whose ops take
+    empty tensors as they come, once the named backend has been checked to be able to run."""
+    impl = select_backend(name, device)
+    return torch_impl if num_tokens == 0 or num_seqs == 0 else impl
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# the logits path
+# the logits path: implementation
+
+
+def _logits_forward(logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
+                    temperature, reduction, ignore_index, backend):
+    """The forward of the logits path -> (loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, Layout, rows,
+    backend); ``rows`` is the (B', T', V) view of the logits that the backend read (layout.as_rows)."""
+    lay = _layout(logits.shape[-1], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
+                  reduction, ignore_index)
+    impl = _backend_for(backend, logits.device, lay.num_tokens, lay.num_seqs)
+    rows = layout.as_rows(logits)
+    with _own_precision(logits.device):
+        token_logprob, lse = impl.token_forward(rows, lay.target, temperature)
+        loss, seq_logprob, implicit_reward, grad_seq_logprob = impl.group_stage(token_logprob, lay, beta)
+    return loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, rows, impl
+
+
+def _logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, temperature, backend):
+    """dL/dlogits, the shape and dtype of logits: grad_loss * dL/ds / T * (onehot - softmax), 0 where not scored."""
+    rows = layout.as_rows(logits)
+    grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    impl = _backend_for(backend, logits.device, target.numel(), grad_seq_logprob.numel())
+    with _own_precision(logits.device):
+        impl.token_backward(rows, _token_layout(target, token_seq), lse, grad_seq_logprob, grad_loss, temperature,
+                            out=grad)
+    return grad.view(logits.shape)
+
+
+def _token_layout(target, token_seq) -> Layout:
+    """A Layout holding the per-token fields only: all that a backend's token_backward reads."""
+    return Layout(target=target, token_seq=token_seq, token_ref=None, cu_seqlens=None, rewards=None, seq_group=None,
+                  group_order=None, group_ptr=None, max_group_size=0, scale=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the logits path: eager autograd
+
+
+class _LogitsLoss(torch.autograd.Function):
+    """The logits path in eager mode; arguments as :func:`logits_loss_op`'s. Saves O(N), recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
+                temperature, reduction, ignore_index, backend):
+        loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, *_ = _logits_forward(
+            logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature,
+            reduction, ignore_index, backend)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob)
+        ctx.save_for_backward(logits, lse, lay.target, lay.token_seq, grad_seq_logprob)
+        ctx.temperature, ctx.backend = temperature, backend
+        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        no_double_backward("gvpo_loss")
+        if grad_loss is None:
+            return (None,) * 13
+        logits, lse, target, token_seq, grad_seq_logprob = ctx.saved_tensors
+        grad = _logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, ctx.temperature,
+                                ctx.backend)
+        return (grad,) + (None,) * 12
+
+
+class _InplaceLogitsLoss(torch.autograd.Function):
+    """inplace_backward=True in eager mode: the forward also writes dL/dlogits (for grad_loss = 1) over the logits'
+    storage, and the backward scales it in place, so no second N x V buffer exists. Same arguments as the op.
+
+    The logits' version counter is bumped, so another autograd node that saved them (a z-loss on the logits, an op
+    whose output they are) raises "modified by an inplace operation" instead of using the overwritten values.
+    Logits whose rows share memory (``expand``) are refused. float16 gradients are stored pre-multiplied by a power
+    of two that keeps them in float16's range (:func:`_float16_headroom`), so that loss scaling loses no more to
+    rounding than PyTorch's own float16 backward does."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
+                temperature, reduction, ignore_index, backend):
+        if layout.has_overlap(layout.as_rows(logits)):
+            raise ValueError("inplace_backward=True needs logits whose elements do not share memory (these are an "
+                             "expanded or overlapping view); pass logits.contiguous() or inplace_backward=False")
+        loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, rows, impl = _logits_forward(
+            logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature,
+            reduction, ignore_index, backend)
+        stored_scale = _float16_headroom(grad_seq_logprob, temperature, rows.dtype)
+        with _own_precision(logits.device):
+            impl.token_backward(rows, lay, lse, grad_seq_logprob, stored_scale, temperature, out=rows)
+        torch.autograd.graph.increment_version(logits)
+        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob)
+        # not save_for_backward: its logits were overwritten on purpose
+        ctx.grad_rows, ctx.shape, ctx.stored_scale = rows, logits.shape, stored_scale
+        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        no_double_backward("gvpo_loss")
+        grad = ctx.grad_rows
+        if grad is None:
+            raise _second_backward("gvpo_loss", "with inplace_backward=True the gradient lives in the logits' "
+                                   "storage and was handed out by the first backward")
+        ctx.grad_rows = None
+        if grad_loss is None:
+            grad_loss = torch.ones((), dtype=torch.float32, device=grad.device)
+        scale = grad_loss.float() / ctx.stored_scale
+        if grad.device.type != "cpu" or scale.item() != 1.0:
+            grad.mul_(scale)
+        return (grad.reshape(ctx.shape),) + (None,) * 12
+
+
+def _float16_headroom(grad_seq_logprob, temperature: float, dtype) -> Tensor:
+    """The factor, a float32 scalar, by which inplace_backward stores dL/dlogits in the logits' storage: 1, or for
+    float16 the power of two (up to 2^24) that brings the largest possible entry, max |dL/ds| / T, to 2^15.
+
+    Every entry is bounded by |dL/ds_i| / T (|onehot - softmax| <= 1), so nothing overflows, and small entries keep
+    the bits they would lose at scale 1: the backward's multiplication by grad_loss / factor then gives what
+    rounding grad_loss * dL/dlogits to float16 once would, as PyTorch's float16 backward under loss scaling does.
+    Computed on the device (no sync)."""
+    one = torch.ones((), dtype=torch.float32, device=grad_seq_logprob.device)
+    if dtype != torch.float16 or grad_seq_logprob.numel() == 0:
+        return one
+    peak = grad_seq_logprob.abs().max().float() / temperature
+    return torch.exp2(torch.floor(torch.log2(2.0**15 / peak)).clamp(0, 24))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the logits path: the ops, for torch.compile
 
 
 @torch.library.custom_op("gvpo::gvpo_loss", mutates_args=())
@@ -115,12 +271,9 @@ def logits_loss_op(logits: Tensor, labels: Tensor, rewards: Tensor, group_ids: O
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) float32, and for the backward lse (N,) float32,
     target and token_seq (N,) int64."""
-    lay = _layout(logits.shape[-1], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
-                  reduction, ignore_index)
-    impl = select_backend(backend, logits.device)
-    with _own_precision(logits.device):
-        token_logprob, lse = impl.token_forward(layout.as_rows(logits), lay.target, temperature)
-        loss, seq_logprob, implicit_reward, grad_seq_logprob = impl.group_stage(token_logprob, lay, beta)
+    loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, *_ = _logits_forward(
+        logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature, reduction,
+        ignore_index, backend)
     return loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay.target, lay.token_seq
 
 
@@ -142,26 +295,24 @@ def _logits_setup_context(ctx, inputs, output):
     ctx.temperature, ctx.backend = inputs[9], inputs[12]
 
 
-def _logits_backward(ctx, grad_loss, *_):
+def _logits_op_backward(ctx, grad_loss, *_):
+    no_double_backward("gvpo_loss")
+    if grad_loss is None:
+        return (None,) * 13
     logits, lse, target, token_seq, grad_seq_logprob = ctx.saved_tensors
     grad = logits_backward_op(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, ctx.temperature,
                               ctx.backend)
     return (grad,) + (None,) * 12
 
 
-logits_loss_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+logits_loss_op.register_autograd(_logits_op_backward, setup_context=_logits_setup_context)
 
 
 @torch.library.custom_op("gvpo::gvpo_loss_backward", mutates_args=())
 def logits_backward_op(logits: Tensor, target: Tensor, token_seq: Tensor, lse: Tensor, grad_seq_logprob: Tensor,
                        grad_loss: Tensor, temperature: float, backend: str) -> Tensor:
     """dL/dlogits, the shape and dtype of logits: grad_loss * dL/ds / T * (onehot - softmax), 0 where not scored."""
-    rows = layout.as_rows(logits)
-    grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    with _own_precision(logits.device):
-        select_backend(backend, logits.device).token_backward(rows, _token_layout(target, token_seq), lse,
-                                                              grad_seq_logprob, grad_loss, temperature, out=grad)
-    return grad.view(logits.shape)
+    return _logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, temperature, backend)
 
 
 @logits_backward_op.register_fake
@@ -169,42 +320,8 @@ def _(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, temperature, 
     return logits.new_empty(logits.shape)
 
 
-def _token_layout(target, token_seq) -> Layout:
-    """A Layout holding the per-token fields only: all that a backend's token_backward reads."""
-    return Layout(target=target, token_seq=token_seq, token_ref=None, cu_seqlens=None, rewards=None, seq_group=None,
-                  group_order=None, group_ptr=None, max_group_size=0, scale=1.0)
-
-
-class _InplaceLogitsLoss(torch.autograd.Function):
-    """inplace_backward=True in eager mode: the forward also writes dL/dlogits (for grad_loss = 1) over the logits'
-    storage, and the backward scales it in place, so no second N x V buffer exists. Same arguments as the op."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
-                temperature, reduction, ignore_index, backend):
-        lay = _layout(logits.shape[-1], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
-                      reduction, ignore_index)
-        impl = select_backend(backend, logits.device)
-        rows = layout.as_rows(logits)
-        with _own_precision(logits.device):
-            token_logprob, lse = impl.token_forward(rows, lay.target, temperature)
-            loss, seq_logprob, implicit_reward, grad_seq_logprob = impl.group_stage(token_logprob, lay, beta)
-            impl.token_backward(rows, lay, lse, grad_seq_logprob, loss.new_ones(()), temperature, out=rows)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob)
-        ctx.grad_rows, ctx.shape = rows, logits.shape  # not save_for_backward: its logits were overwritten on purpose
-        return loss, seq_logprob, implicit_reward, grad_seq_logprob
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        grad = ctx.grad_rows
-        del ctx.grad_rows
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad.mul_(grad_loss)
-        return (grad.reshape(ctx.shape),) + (None,) * 12
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# the linear path
+# the linear path: implementation
 
 
 def linear_stages(impl, rows, weight, bias, lay: Layout, beta: float, temperature: float, needs):
@@ -221,6 +338,69 @@ def linear_stages(impl, rows, weight, bias, lay: Layout, beta: float, temperatur
     return (loss, *stats, *(d if need else None for d, need in zip(grads, needs)))
 
 
+def head_for_kernels(weight, bias):
+    """The LM head as the kernels read it: weight (V, H) with unit stride along H (a copy only when it has not),
+    bias (V,) contiguous (a copy of V elements when it is strided or expanded)."""
+    weight = weight if weight.stride(-1) == 1 or weight.shape[-1] == 1 else weight.contiguous()
+    return weight, None if bias is None else bias.contiguous()
+
+
+def _linear_forward(hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
+                    beta, temperature, reduction, ignore_index, backend, needs):
+    """loss, seq_logprob, implicit_reward, grad_seq_logprob, and the gradients ``needs`` asks for (None where not),
+    for grad_loss = 1: d_hidden (hidden's shape and dtype), d_weight (V, H), d_bias (V,)."""
+    lay = _layout(weight.shape[0], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
+                  reduction, ignore_index)
+    needs = (needs[0], needs[1], needs[2] and bias is not None)
+    impl = _backend_for(backend, hidden.device, lay.num_tokens, lay.num_seqs)
+    weight, bias = head_for_kernels(weight, bias)
+    with _own_precision(hidden.device):
+        loss, *stats, d_hidden, d_weight, d_bias = linear_stages(impl, layout.as_rows(hidden), weight, bias, lay,
+                                                                 beta, temperature, needs)
+    if d_hidden is not None:
+        d_hidden = d_hidden.reshape(hidden.shape)
+    return (loss, *stats, d_hidden, d_weight, d_bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the linear path: eager autograd
+
+
+class _LinearLoss(torch.autograd.Function):
+    """The linear path in eager mode; arguments as :func:`linear_loss_op`'s. The gradients, computed in the forward
+    for grad_loss = 1, are held by the context (not saved tensors: the backward scales them in place and hands
+    them out, so a second backward would find them changed) and released by the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
+                beta, temperature, reduction, ignore_index, backend, grad_hidden, grad_weight, grad_bias):
+        loss, *stats, d_hidden, d_weight, d_bias = _linear_forward(
+            hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
+            temperature, reduction, ignore_index, backend, (grad_hidden, grad_weight, grad_bias))
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*stats)
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        no_double_backward("linear_gvpo_loss")
+        grads = ctx.grads
+        if grads is None:
+            raise _second_backward("linear_gvpo_loss", "its gradients are computed in the forward and the first "
+                                   "backward handed them out")
+        ctx.grads = None
+        if grad_loss is None:
+            return (None,) * 18
+        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+            grads = [None if d is None else d.mul_(grad_loss) for d in grads]
+        return (*grads,) + (None,) * 15
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the linear path: the op, for torch.compile
+
+
 @torch.library.custom_op("gvpo::linear_gvpo_loss", mutates_args=())
 def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, rewards: Tensor,
                    group_ids: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
@@ -229,16 +409,11 @@ def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                    grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) float32, and the gradients asked for, for
     grad_loss = 1: d_hidden (hidden's shape and dtype), d_weight (V, H), d_bias (V,); (0,) where not asked for."""
-    lay = _layout(weight.shape[0], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
-                  reduction, ignore_index)
-    needs = (grad_hidden, grad_weight, grad_bias and bias is not None)
-    impl = select_backend(backend, hidden.device)
-    with _own_precision(hidden.device):
-        loss, *stats, d_hidden, d_weight, d_bias = linear_stages(impl, layout.as_rows(hidden), weight, bias, lay,
-                                                                 beta, temperature, needs)
-    shapes = (hidden.shape, weight.shape, weight.shape[:1])
-    grads = [d.reshape(shape) if need else like.new_empty((0,))
-             for d, need, shape, like in zip((d_hidden, d_weight, d_bias), needs, shapes, (hidden, weight, weight))]
+    loss, *stats, d_hidden, d_weight, d_bias = _linear_forward(
+        hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
+        temperature, reduction, ignore_index, backend, (grad_hidden, grad_weight, grad_bias))
+    grads = [like.new_empty((0,)) if d is None else d
+             for d, like in zip((d_hidden, d_weight, d_bias), (hidden, weight, weight))]
     return (loss, *stats, *grads)
 
 
@@ -260,20 +435,16 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.needs = inputs[15:18]
 
 
-def _linear_backward(ctx, grad_loss, *_):
-    """The gradients were computed in the forward for grad_loss = 1: scale them. Eagerly, in place (nothing else
-    holds them: no second copy of d_weight), or not at all when grad_loss is 1 on the CPU (where checking costs no
-    device sync); traced, out of place (the compiler plans the buffers)."""
-    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-    if eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
-        scale = lambda d: d  # noqa: E731
-    else:
-        scale = (lambda d: d.mul_(grad_loss)) if eager else (lambda d: d * grad_loss)
-    grads = [scale(d) if need else None for d, need in zip(ctx.saved_tensors, ctx.needs)]
+def _linear_op_backward(ctx, grad_loss, *_):
+    """Traced: the saved gradients times grad_loss, out of place (the compiler plans the buffers)."""
+    no_double_backward("linear_gvpo_loss")
+    if grad_loss is None:
+        return (None,) * 18
+    grads = [d * grad_loss if need else None for d, need in zip(ctx.saved_tensors, ctx.needs)]
     return (*grads,) + (None,) * 15
 
 
-linear_loss_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+linear_loss_op.register_autograd(_linear_op_backward, setup_context=_linear_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------

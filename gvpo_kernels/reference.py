@@ -38,6 +38,8 @@ def gvpo_loss(
     """
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
                          backend=backend)
+    layout.check_flag("inplace_backward", inplace_backward)
+    layout.check_flag("return_stats", return_stats)
     vocab_size = layout.check_logits(logits, labels)
     layout.build(labels, rewards, vocab_size=vocab_size, group_size=group_size, group_ids=group_ids, mask=mask,
                  cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction)
@@ -87,7 +89,8 @@ def _per_sequence_sums(token_values, cu_seqlens):
     if cu_seqlens is None:
         return token_values.sum(dim=1)
     bounds = cu_seqlens.tolist()
-    return torch.stack([token_values[start:end].sum() for start, end in zip(bounds[:-1], bounds[1:])])
+    sums = [token_values[start:end].sum() for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.stack(sums) if sums else token_values.new_zeros(0)
 
 
 def _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction):
@@ -101,6 +104,8 @@ def _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction):
         k = members.numel()
         diff = (r - r.mean()) - (big_r - big_r.mean())
         group_losses.append((diff**2).sum() / (2 * max(k - 1, 1)))
+    if not group_losses:  # no sequence at all: nothing to learn from
+        return seq_logprob.sum() * 0.0
     total = torch.stack(group_losses).sum()
     return total / len(group_losses) if reduction == "mean" else total
 
