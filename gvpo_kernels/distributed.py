@@ -253,6 +253,7 @@ class _LogitsAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        ops.no_double_backward("gvpo_loss")
         rows, lse, grad_seq = ctx.saved_tensors
         grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
         ctx.impl.token_backward(rows, ctx.lay, lse, grad_seq, grad_loss, ctx.temperature, out=grad)
@@ -263,6 +264,7 @@ class _LinearAcrossRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, impl, lay, ranks, beta, temperature):
         rows = layout.as_rows(hidden)
+        weight, bias = ops.head_for_kernels(weight, bias)
         token_logprob, lse = impl.linear_forward(rows, weight, bias, lay.target, temperature)
         (loss, seq_logprob, implicit_reward, grad_seq), lse = _token_stats(impl, lay, ranks, beta, token_logprob,
                                                                            lse)
@@ -273,6 +275,7 @@ class _LinearAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        ops.no_double_backward("linear_gvpo_loss")
         rows, weight, bias, lse, grad_seq = ctx.saved_tensors
         d_hidden, d_weight, d_bias = ctx.impl.linear_backward(rows, weight, bias, ctx.lay, lse, grad_seq, grad_loss,
                                                               ctx.temperature)

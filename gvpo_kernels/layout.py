@@ -108,7 +108,8 @@ def check_options(*, beta, temperature, reduction, ignore_index, backend) -> Non
 
 def check_flag(name, value) -> None:
     """A boolean option: ``True`` or ``False`` (or a numpy bool), never a truthy string or number."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not isinstance(value, bool) and not numpy_bool:
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
@@ -144,7 +145,8 @@ def _check_positive_float32(name, value, why: str) -> None:
     try:
         as_float = float(value)
     except OverflowError:
-        raise ValueError(f"{name} is too large to represent as a float, got {value:.3g}") from None
+        raise ValueError(f"{name} is too large to represent as a float (an int of {len(str(abs(value)))} digits)"
+                         ) from None
     if not math.isfinite(as_float):
         raise ValueError(f"{name} must be finite, got {value}")
     if not as_float > 0:

@@ -88,6 +88,24 @@ ERRORS = {
     "beta-nan": (changed(good, beta=float("nan")), ValueError, "beta"),
     "beta-tensor": (changed(good, beta=torch.tensor(0.1)), TypeError, "beta"),
     "ignore-index-float": (changed(good, ignore_index=-100.0), TypeError, "ignore_index"),
+    # numbers no kernel can hold, and flags that are not bools (issue 11); beta <= 0 trains away from the reward
+    "beta-zero": (changed(good, beta=0.0), ValueError, "beta"),
+    "beta-negative": (changed(good, beta=-0.1), ValueError, "beta"),
+    "beta-huge-int": (changed(good, beta=10**400), ValueError, "beta"),
+    "beta-past-float32": (changed(good, beta=1e39), ValueError, "beta"),
+    "beta-subnormal": (changed(good, beta=1e-40), ValueError, "beta"),
+    "temperature-huge-int": (changed(good, temperature=10**400), ValueError, "temperature"),
+    "temperature-denormal": (changed(good, temperature=1e-320), ValueError, "temperature"),
+    "group-size-huge": (changed(good, group_size=2**70), ValueError, "group_size"),
+    "group-size-bool": (changed(good, group_size=True), TypeError, "group_size"),
+    "ignore-index-huge": (changed(good, ignore_index=2**70), ValueError, "ignore_index"),
+    "inplace-backward-str": (changed(good, inplace_backward="no"), TypeError, "inplace_backward"),
+    "inplace-backward-int": (changed(good, inplace_backward=1), TypeError, "inplace_backward"),
+    "return-stats-str": (changed(good, return_stats="False"), TypeError, "return_stats"),
+}
+FUSED_ONLY_ERRORS = {
+    "group-process-group-str": (changed(good, group_process_group="world"), TypeError, "group_process_group"),
+    "vocab-process-group-int": (changed(good, vocab_process_group=0), TypeError, "vocab_process_group"),
 }
 
 
@@ -97,6 +115,29 @@ def test_bad_input_is_named(name, fn):
     args, error, argument = ERRORS[name]
     with pytest.raises(error, match=argument):
         call(fn, args)
+
+
+@pytest.mark.parametrize("name", list(FUSED_ONLY_ERRORS))
+def test_bad_process_group_is_named(name):
+    args, error, argument = FUSED_ONLY_ERRORS[name]
+    with pytest.raises(error, match=argument):
+        call(gk.gvpo_loss, args)
+
+
+@pytest.mark.parametrize("fn", [gk.linear_gvpo_loss, gk.reference.linear_gvpo_loss], ids=["fused", "reference"])
+@pytest.mark.parametrize("beta", [0.0, -1.0, 10**400])
+def test_linear_path_rejects_bad_beta(fn, beta):
+    with pytest.raises(ValueError, match="beta"):
+        fn(torch.randn(B, T, 5), torch.randn(V, 5), torch.randint(0, V, (B, T)), torch.randn(B), group_size=2,
+           beta=beta)
+
+
+def test_numpy_integers_are_ints():
+    """group_size=np.int64(2) (a config read through numpy) keeps working, as does ignore_index=np.int32(-100)."""
+    np = pytest.importorskip("numpy")
+    args = changed(good, group_size=np.int64(2), ignore_index=np.int32(-100), inplace_backward=np.bool_(False))
+    want = call(gk.gvpo_loss, dict(args, group_size=2, ignore_index=-100, inplace_backward=False))
+    torch.testing.assert_close(call(gk.gvpo_loss, args), want)
 
 
 def test_unscored_labels_are_never_checked_as_token_ids():
