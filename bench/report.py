@@ -81,12 +81,19 @@ def markdown(data: dict) -> str:
     if hidden:
         lines += ["", "Not run on this device:"]
         lines += [f"- {provider} ({path}): {reason}" for (path, provider), reason in hidden.items()]
-    floors = meta.get("floors", {})
-    if floors:
-        rates = ", ".join(f"{k}: {v['tflops']:.3g} TFLOP/s" for k, v in floors.get("matmul", {}).items())
-        lines += ["", f"Floors measured in this run: copy {floors['copy_gbps']:.4g} GB/s (read + write); "
-                      f"matmul {rates}."]
+    if meta.get("floors"):
+        lines += ["", f"Floors (bench/README.md): {floors_line(meta['floors'])}."]
     return "\n".join(lines) + "\n"
+
+
+def floors_line(floors: dict) -> str:
+    """The peak rates the floors use, each with the probe that reached it (bench/run.py's measure_floors)."""
+    if "copy_gbps" in floors:  # a JSON from before the peaks (one copy bandwidth, a matmul rate per head)
+        rates = ", ".join(f"{k}: {v['tflops']:.3g} TFLOP/s" for k, v in floors.get("matmul", {}).items())
+        return f"copy {floors['copy_gbps']:.4g} GB/s (read + write); matmul {rates}"
+    parts = [f"{floors[f'peak_{unit}']:.4g} {label}, {floors[f'peak_{unit}_probe']}"
+             for unit, label in (("gbps", "GB/s (read + write)"), ("tflops", "TFLOP/s")) if f"peak_{unit}" in floors]
+    return "; ".join(f"peak {part}" for part in parts) or "none measured"
 
 
 def plot(data: dict, path_png: str) -> str | None:

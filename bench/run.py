@@ -1,16 +1,18 @@
 """Benchmark the GVPO loss side by side with what users would pick instead, on the same inputs in one run.
 
     python bench/run.py [--device cpu|cuda] [--quick] [--out DIR] [--budget-s S] [--only NAME,...] [--paths ...]
+                        [--models NAME,...] [--tokens N,...]
 
 For every shape and every provider (bench/providers.py) it checks the loss and gradients against
 gvpo_kernels.reference, then measures forward+backward time and peak memory (bench/measure.py), and relates the
-time to the floor, measured in the same run:
+time to the floor, a time no provider can beat on this device, measured in the same run:
 
-* linear path (hidden, LM head -> loss): 8 N H V flops (the two logit GEMMs of a method that does not store the
-  logits, plus the d_hidden and d_weight GEMMs) at the matmul rate of this device, measured on a GEMM of the
-  shape's own (rows x H) @ (H x V) in the run's dtype;
-* logits path (logits -> loss): 3 N V elements moved (read the logits twice, write the gradient once) at the
-  copy bandwidth of this device (a large tensor copy, bytes read plus bytes written).
+* linear path (hidden, LM head -> loss): 6 N H V flops (the logits once, the d_hidden and d_weight GEMMs) at the
+  peak matmul rate: the best rate in the run's dtype of a few GEMMs into preallocated outputs (the shape's three
+  GEMMs; on the CPU also one-thread, cache-sized blocks of them, times the threads; a square GEMM);
+* logits path (logits -> loss): 2 N V elements moved (each logit read once, each gradient element written
+  once) at the peak bandwidth: the best of a read (sum), a copy and an in-place update over N V elements,
+  counting bytes read plus bytes written.
 
 It writes DIR/<device>-<date>.json (device, versions, shapes, dtypes, floors, every figure; rewritten after
 each measurement, so an interrupted run keeps what it measured), DIR/<device>-<date>.md (the table printed at the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -56,11 +59,13 @@ SETTINGS = {
 }
 
 
-def shapes_for(device: str, quick: bool) -> list[dict]:
-    """The shapes of one run: every model head at every token count, for the linear and the logits path."""
+def shapes_for(device: str, quick: bool, models: list[str] | None = None,
+               tokens: list[int] | None = None) -> list[dict]:
+    """The shapes of one run: every model head at every token count, for the linear and the logits path
+    (``models`` / ``tokens``: these instead of the device's defaults)."""
     cfg = SETTINGS[device]
-    tokens = cfg["quick_tokens"] if quick else cfg["tokens"]
-    names = cfg.get("quick_models") if quick else None
+    tokens = tokens or (cfg["quick_tokens"] if quick else cfg["tokens"])
+    names = models or (cfg.get("quick_models") if quick else None)
     out = []
     for path in ("linear", "logits"):
         for model, hidden, vocab in cfg["models"]:
@@ -76,81 +81,158 @@ def shapes_for(device: str, quick: bool) -> list[dict]:
 
 
 # -- floors ------------------------------------------------------------------------------------------------------
+#
+# A floor is a time that no provider can beat on this device: the work every one of them must do, at the best rate
+# this device reached in the run on plain kernels that do nothing else (best of several calls, into preallocated
+# outputs, on the run's threads), the best over all such kernels, whichever shape gave it:
+#   linear path: 6 N H V flops (the logits once, d_hidden and d_weight) at the peak matmul rate;
+#   logits path: 2 N V elements (each logit read once, each gradient element written once) at the peak bandwidth.
 
-def _best_ms(fn, device: str, reps: int) -> float:
-    """The fastest time of fn() in ms (a floor takes the best rate the device reaches): do_bench on CUDA,
-    perf_counter after one warm-up call on the CPU."""
+SQUARE = {"cpu": 1024, "cuda": 8192}  # the square GEMM among the matmul-rate probes, per device
+BLOCK_BYTES = 1 << 20  # CPU: a one-thread block GEMM's output, sized to stay in a core's L2 (as csrc/linear.cpp's)
+BLOCK_TOKENS = 512  # CPU: the tokens (columns) of such a block
+FLOOR_DEFINITION = {
+    "linear": "6 N H V flops (logits once, d_hidden, d_weight) at the peak matmul rate: the best TFLOP/s of the "
+              "GEMM probes (the shape's three GEMMs into preallocated outputs; on the CPU also one-thread blocks "
+              "of them times the threads; a square GEMM)",
+    "logits": "2 N V elements (read each logit once, write each gradient element once) at the peak bandwidth: "
+              "the best GB/s (bytes read + written) of read (sum), copy and in-place update over N V elements",
+}
+
+
+def _best_ms(fn, device: str, reps: int, budget_s: float = 1.0) -> float:
+    """The fastest time of one fn() in ms: do_bench's minimum on CUDA; on the CPU, after a warm-up call, the
+    fastest of ``reps`` timings (fewer once ``budget_s`` has passed, at least 2) of enough back-to-back calls to
+    last >= 10 ms, divided by their number."""
     if device == "cuda":
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=30 * reps, return_mode="min")
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(reps):
+    calls = max(1, math.ceil(0.01 / max(time.perf_counter() - start, 1e-6)))
+    best, timings = float("inf"), 0
+    while timings < reps and (timings < 2 or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return min(times)
+        for _ in range(calls):
+            fn()
+        best, timings = min(best, (time.perf_counter() - t0) / calls), timings + 1
+    return 1e3 * best
 
 
-_COPY_BUFFERS = {}  # the CPU's copy buffers, made once (drawing 64 Mi random numbers takes a while there)
+_BUFFERS = {}  # the CPU's bandwidth buffers, made once per size (drawing ~100 M random numbers takes a while there)
 
 
-def copy_bandwidth_gbps(device: str, reps: int) -> float:
-    """GB/s of a large tensor copy, counting the bytes read and the bytes written."""
-    if device == "cuda":  # 2 GiB of bfloat16, made anew each time (GPU memory is for the measurements)
-        src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)
+def bandwidth_gbps(numels: list[int], dtype: torch.dtype, device: str, reps: int) -> dict[str, float]:
+    """GB/s (bytes read + bytes written) of three streaming kernels over each of ``numels`` elements of dtype:
+    "read <n>" (a sum), "copy <n>" (into another buffer) and "update <n>" (negated in place)."""
+    most = max(numels)
+    if device == "cpu" and _BUFFERS.get("numel", 0) >= most:
+        src, dst = _BUFFERS["src"], _BUFFERS["dst"]
+    else:  # on CUDA made anew each time: GPU memory is for the measurements
+        src = torch.randn(most, device=device, dtype=dtype)
         dst = torch.empty_like(src)
-    else:  # 256 MiB of float32
-        if not _COPY_BUFFERS:
-            _COPY_BUFFERS["src"] = torch.randn(64 << 20)
-            _COPY_BUFFERS["dst"] = torch.empty_like(_COPY_BUFFERS["src"])
-        src, dst = _COPY_BUFFERS["src"], _COPY_BUFFERS["dst"]
-    ms = _best_ms(lambda: dst.copy_(src), device, reps)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+        if device == "cpu":
+            _BUFFERS.update(numel=most, src=src, dst=dst)
+    out = {}
+    for n in sorted(set(numels)):
+        a, b, size = src[:n], dst[:n], n * src.element_size()
+        label = f"{n / 1e6:.4g}M {str(dtype).removeprefix('torch.')}"
+        for kind, fn, moved in (("read", a.sum, size), ("copy", lambda: b.copy_(a), 2 * size),
+                                ("update", a.neg_, 2 * size)):
+            out[f"{kind} {label}"] = moved / (_best_ms(fn, device, reps) * 1e-3) / 1e9
+    return out
 
 
-def matmul_tflops(rows: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, reps: int) -> float:
-    """TFLOP/s of (rows x H) @ (H x V) in dtype, the GEMM shape of the linear path, on random data."""
-    a = torch.randn(rows, hidden, device=device, dtype=dtype)
-    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
-    ms = _best_ms(lambda: a @ w.T, device, reps)
-    return 2 * rows * hidden * vocab / (ms * 1e-3) / 1e12
-
-
-def _gemms(shapes: list[dict]):
-    """(key "H.. V..", rows, shape) of each distinct GEMM of the linear shapes."""
-    seen = {}
+def _matmul_probes(shapes: list[dict], dtype: torch.dtype, device: str):
+    """(name, flops, fn, alone) of each GEMM probe: per distinct (H, V) of the linear shapes, its three GEMMs on
+    min(N, 4096) tokens into preallocated outputs, the forward's logits = hidden @ weight.T, d_hidden = g @ weight
+    and d_weight = g.T @ hidden; on the CPU also one-thread block GEMMs of each (a block of the vocabulary x
+    BLOCK_TOKENS tokens, its output in L2, as a kernel that gives each thread its own blocks runs them); and one
+    square GEMM. alone: True for a one-thread probe (its rate counts times the run's threads)."""
+    made = {}
     for s in shapes:
-        if s["path"] == "linear":
-            seen.setdefault((f"H{s['hidden']} V{s['vocab']}", min(s["tokens"], 4096)), s)
-    return [(key, rows, s) for (key, rows), s in seen.items()]
+        if s["path"] != "linear":
+            continue
+        h, v, rows = s["hidden"], s["vocab"], min(s["tokens"], 4096)
+        made.setdefault(f"H{h} V{v}", (h, v, rows))
+    for key, (h, v, rows) in made.items():
+        x = torch.randn(rows, h, device=device, dtype=dtype)
+        w = torch.randn(v, h, device=device, dtype=dtype)
+        z = torch.randn(rows, v, device=device, dtype=dtype)
+        d_hidden, d_weight = torch.empty_like(x), torch.empty_like(w)
+        flops = 2 * rows * h * v
+        yield f"{key} logits", flops, _mm(x, w.T, z), False
+        yield f"{key} d_hidden", flops, _mm(z, w, d_hidden), False
+        yield f"{key} d_weight", flops, _mm(z.T, x, d_weight), False
+        if device == "cpu":
+            r = min(rows, BLOCK_TOKENS)
+            b = max(8, min(v, BLOCK_BYTES // (x.element_size() * r)))
+            xb, wb = x[:r], w[:b]
+            zb = torch.empty(b, r, dtype=dtype)
+            db_h, db_w = torch.empty(r, h, dtype=dtype), torch.empty(b, h, dtype=dtype)
+            flops = 2 * b * r * h
+            yield f"{key} block logits", flops, _mm(wb, xb.T, zb), True
+            yield f"{key} block d_hidden", flops, _mm(zb.T, wb, db_h), True
+            yield f"{key} block d_weight", flops, _mm(zb, xb, db_w), True
+    n = SQUARE[device]
+    a, b, c = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
+    yield f"square {n}", 2 * n**3, _mm(a, b, c), False
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
+    return lambda: torch.mm(a, b, out=out)
+
+
+def matmul_tflops(shapes: list[dict], dtype: torch.dtype, device: str, reps: int) -> dict[str, float]:
+    """TFLOP/s of each GEMM probe (see _matmul_probes) in dtype, on random data; a one-thread probe runs with
+    torch.set_num_threads(1) and counts times the run's threads (no more than the cores would give together)."""
+    threads = torch.get_num_threads()
+    out = {}
+    for name, flops, fn, alone in _matmul_probes(shapes, dtype, device):
+        if alone:
+            torch.set_num_threads(1)
+            try:
+                ms = _best_ms(fn, device, reps)
+            finally:
+                torch.set_num_threads(threads)
+            name, flops = f"{name} x{threads} threads", flops * threads
+        else:
+            ms = _best_ms(fn, device, reps)
+        out[name] = flops / (ms * 1e-3) / 1e12
+    return out
 
 
 def measure_floors(shapes: list[dict], device: str, dtype: torch.dtype, floors: dict | None = None,
                    reps: int = 7) -> dict:
-    """Measure the copy bandwidth (if a logits shape is among ``shapes``) and the matmul rate of each (H, V) of
-    the linear shapes, keeping the best of these and of the earlier measurements in ``floors``. run.py measures
-    all at the start, then again (fewer repeats) before each provider on the CPU or each shape on CUDA, so that a
-    moment of contention on a shared machine does not lower the floor of the whole run."""
-    floors = floors or {"copy_gbps": 0.0, "matmul": {}}
-    if any(s["path"] == "logits" for s in shapes):
-        floors["copy_gbps"] = max(floors["copy_gbps"], copy_bandwidth_gbps(device, reps))
-    for key, rows, s in _gemms(shapes):
-        tflops = matmul_tflops(rows, s["hidden"], s["vocab"], dtype, device, reps)
-        if tflops > floors["matmul"].get(key, {"tflops": 0.0})["tflops"]:
-            floors["matmul"][key] = {"rows": rows, "tflops": tflops}
+    """Measure the bandwidth probes (if a logits shape is among ``shapes``) and the matmul probes (if a linear
+    one is), keeping per probe the best of these and of the earlier measurements in ``floors``, and the peaks:
+    {"gbps": {probe: GB/s}, "tflops": {probe: TFLOP/s}, "peak_gbps", "peak_gbps_probe", "peak_tflops",
+    "peak_tflops_probe"}. run.py measures all at the start, then again (fewer repeats) before each provider on
+    the CPU or each shape on CUDA, so that a moment of contention on a shared machine lowers no floor."""
+    floors = floors or {"gbps": {}, "tflops": {}}
+    measured = {}
+    numels = [s["tokens"] * s["vocab"] for s in shapes if s["path"] == "logits"]
+    if numels:
+        measured["gbps"] = bandwidth_gbps(numels, dtype, device, reps)
+    if any(s["path"] == "linear" for s in shapes):
+        measured["tflops"] = matmul_tflops(shapes, dtype, device, reps)
+    for unit, rates in measured.items():
+        for probe, rate in rates.items():
+            floors[unit][probe] = max(rate, floors[unit].get(probe, 0.0))
+        best = max(floors[unit], key=floors[unit].get)
+        floors[f"peak_{unit}"], floors[f"peak_{unit}_probe"] = floors[unit][best], best
     if device == "cuda":
         torch.cuda.empty_cache()  # give the measurements the whole GPU back
     return floors
 
 
 def floor_ms(shape: dict, floors: dict, itemsize: int) -> float:
+    """The shape's floor in ms (see FLOOR_DEFINITION); itemsize: bytes per element of the run's dtype."""
     n, v = shape["tokens"], shape["vocab"]
     if shape["path"] == "linear":
-        rate = floors["matmul"][f"H{shape['hidden']} V{v}"]["tflops"] * 1e12
-        return 8 * n * shape["hidden"] * v / rate * 1e3
-    return 3 * n * v * itemsize / (floors["copy_gbps"] * 1e9) * 1e3
+        return 6 * n * shape["hidden"] * v / (floors["peak_tflops"] * 1e12) * 1e3
+    return 2 * n * v * itemsize / (floors["peak_gbps"] * 1e9) * 1e3
 
 
 # -- running the tasks --------------------------------------------------------------------------------------------
@@ -263,10 +345,28 @@ def parse_args(argv):
                         help="start no new measurement after this many seconds (the rest is reported as skipped)")
     parser.add_argument("--only", default=None, help="comma-separated provider names to run (default: all)")
     parser.add_argument("--paths", default="linear,logits", help="comma-separated paths: linear, logits")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model heads (default: the device's): " + ", ".join(m[0] for m in MODELS))
+    parser.add_argument("--tokens", default=None,
+                        help="comma-separated token counts, each a multiple of the device's sequence length "
+                             "(default: the device's)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every measurement in this process, as on CUDA (always so on CUDA); on the CPU "
                              "this only tests the CUDA flow: its peak-RSS figures are not per provider")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.models = args.models.split(",") if args.models else None
+    unknown = sorted(set(args.models or []) - {m[0] for m in MODELS})
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(m[0] for m in MODELS)}")
+    seq_len = SETTINGS[args.device]["seq_len"]
+    try:
+        args.tokens = [int(n) for n in args.tokens.split(",")] if args.tokens else None
+    except ValueError:
+        parser.error(f"--tokens: expected comma-separated integers, got {args.tokens!r}")
+    if args.tokens and any(n <= 0 or n % seq_len for n in args.tokens):
+        parser.error(f"--tokens: each must be a positive multiple of {seq_len} (the sequence length on "
+                     f"{args.device}), got {args.tokens}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -277,7 +377,7 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
         return 2
     paths = args.paths.split(",")
-    shapes = [s for s in shapes_for(device, args.quick) if s["path"] in paths]
+    shapes = [s for s in shapes_for(device, args.quick, args.models, args.tokens) if s["path"] in paths]
     only = set(args.only.split(",")) if args.only else None
     providers = [p for p in P.all_providers() if p.path in paths and (only is None or p.name in only)]
     dtype_name = cfg["dtype"]
@@ -289,15 +389,12 @@ def main(argv=None) -> int:
     print(f"gvpo-kernels bench: {device_name(device)}, {dtype_name}, {len(shapes)} shapes x "
           f"{len(providers)} providers{' (quick)' if args.quick else ''}", flush=True)
     floors = measure_floors(shapes, device, dtype)
-    print(f"floors: copy {floors['copy_gbps']:.1f} GB/s; matmul "
-          + ", ".join(f"{k} {v['tflops']:.3g} TFLOP/s" for k, v in floors["matmul"].items()), flush=True)
+    print(f"floors: {report.floors_line(floors)}", flush=True)
     meta = {"date": date, "device": device, "device_name": device_name(device), "dtype": dtype_name,
             "group_size": GROUP_SIZE, "quick": args.quick, "versions": versions(), "floors": floors,
             "platform": platform.platform(), "check": {"seqs": CHECK_SEQS, "max_len": CHECK_LEN,
                                                        "tolerance": {dtype_name: _tolerance(dtype)}},
-            "floor_definition": {"linear": "8 N H V flops at the measured matmul rate",
-                                 "logits": "3 N V elements (read logits twice, write gradient once) at the measured "
-                                           "copy bandwidth"}}
+            "floor_definition": FLOOR_DEFINITION}
     data = {"meta": meta, "shapes": shapes, "results": []}
     by_key = {(s["path"], s["name"]): s for s in shapes}
     quick = args.quick
