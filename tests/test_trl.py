@@ -58,7 +58,7 @@ def reward_from_text(completions, **kwargs):
             for c in completions]
 
 
-def make_trainer(tmp_path, trainer_cls=GVPOTrainer, **overrides):
+def make_trainer(tmp_path, trainer_cls=GVPOTrainer, model_dtype=torch.float32, **overrides):
     tokenizer = make_tokenizer()
     prompts = [" ".join(WORDS[i:i + 3]) for i in range(8)]  # 8 distinct prompts
     options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=NUM_GENERATIONS,
@@ -67,7 +67,7 @@ def make_trainer(tmp_path, trainer_cls=GVPOTrainer, **overrides):
                    logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, bf16=False)
     options.update(overrides)
     args = GVPOConfig(**options)
-    return trainer_cls(model=make_model(len(tokenizer)), reward_funcs=reward_from_text, args=args,
+    return trainer_cls(model=make_model(len(tokenizer)).to(model_dtype), reward_funcs=reward_from_text, args=args,
                        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
 
 
@@ -203,6 +203,55 @@ def test_default_mixed_precision_step(tmp_path):
     logged = [h for h in trainer.state.log_history if "gvpo/loss" in h]
     assert len(logged) == 1 and math.isfinite(logged[0]["gvpo/loss"])
     assert not torch.equal(before, trainer.model.lm_head.weight.detach())
+
+
+class HeadPrecisionTrainer(GVPOTrainer):
+    """Records, for every micro-batch, the plug-in's sequence log-probs s_i, TRL's own (its fused LM head, the path
+    of GRPOTrainer's log-probs and so of the anchor) and those of an LM head run in bfloat16, same parameters."""
+
+    def _log_gvpo_metrics(self, mode, loss, stats):
+        super()._log_gvpo_metrics(mode, loss, stats)
+        self.records.append(dict(ours=stats.seq_logprob))
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], mask], dim=1)
+        num_completion = completion_ids.size(1)
+        with torch.no_grad():
+            trl_logps, _, _ = self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, num_completion)
+            with self.accelerator.autocast():
+                hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = torch.nn.functional.linear(hidden[:, -num_completion - 1:-1].bfloat16(),
+                                                model.lm_head.weight.bfloat16()).float() / TEMPERATURE
+            bf16_logps = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        self.records[-1].update(trl=(trl_logps * mask).sum(1), bf16=(bf16_logps * mask).sum(1),
+                                hidden_dtype=hidden.dtype)
+        return loss
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=["fp32-model", "bf16-model"])
+def test_fp32_lm_head_under_mixed_precision(tmp_path, model_dtype):
+    """TRL's cast_lm_head_to_fp32 with bf16=True (the default): the head runs in float32 on upcast hidden states,
+    as TRL's fused head does; the plug-in's s_i equal TRL's to float32 rounding, not a bfloat16 head's."""
+    trainer = make_trainer(tmp_path, trainer_cls=HeadPrecisionTrainer, model_dtype=model_dtype, max_steps=2,
+                           bf16=True, cast_lm_head_to_fp32=True)
+    trainer.records = []
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+
+    assert trainer.model.lm_head.weight.dtype == torch.float32
+    assert not torch.equal(before, trainer.model.lm_head.weight.detach())
+    assert len(trainer.records) == 2
+    for step, rec in enumerate(trainer.records):
+        assert rec["hidden_dtype"] == model_dtype
+        torch.testing.assert_close(rec["ours"], rec["trl"], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        assert (rec["ours"] - rec["bf16"]).abs().max() > 1e-3, f"step {step}: a bfloat16 head would pass too"
+    logged = [h for h in trainer.state.log_history if "gvpo/loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(h["gvpo/loss"]) for h in logged)
+    # step 1 scores the batch before any update, with TRL's old log-probs as the anchor: r_i = 0 to rounding
+    assert abs(logged[0]["gvpo/implicit_reward"]) < 1e-5
 
 
 def test_group_rewards_follow_trl_layout():

@@ -23,9 +23,10 @@ tools and environments, logging. Only these steps change:
    larger than ``gradient_accumulation_steps``, or vLLM); otherwise the policy itself (on-policy: the anchor equals
    the current policy before the update, so TRL skips that forward pass). The loss is the mean over the groups of
    the micro-batch, divided by the number of gradient-accumulation steps as TRL does for its own losses. The LM
-   head runs in the precision the model's own forward gives it: float32 with ``cast_lm_head_to_fp32``, the autocast
-   dtype under mixed precision (``bf16=True``, TRL's default, as for TRL's log-probs and so the anchor), otherwise
-   the weight's dtype; accumulation is float32 in every case.
+   head runs in the precision of TRL's own fused LM head, which computes TRL's log-probs and so the anchor
+   (:func:`lm_head_dtype`): with ``cast_lm_head_to_fp32``, float32 on the hidden states upcast to float32 (bf16
+   ones under ``bf16=True`` with a bf16 model), autocast off; otherwise the autocast dtype under mixed precision
+   (``bf16=True``, TRL's default), else the weight's dtype; accumulation is float32 in every case.
 
 GRPOConfig options that do not apply to GVPO (a warning names each one set to a non-default value):
 ``epsilon``, ``epsilon_high``, ``delta`` (no ratio clipping: GVPO has no importance ratio), ``loss_type`` and its
@@ -90,8 +91,10 @@ class GVPOConfig(GRPOConfig):
     Args:
         gvpo_beta: the KL coefficient of GVPO, scale of the implicit reward ``beta * (log pi - log pi_anchor)``
             (the paper and its official recipe use 0.1).
-        gvpo_backend: the backend of :func:`gvpo_kernels.linear_gvpo_loss`: "auto" (CUDA -> Triton, otherwise the
-            chunked torch backend), "triton", "cpu" or "torch".
+        gvpo_backend: the backend of :func:`gvpo_kernels.linear_gvpo_loss`: "auto" (CUDA tensors -> the Triton
+            kernels, CPU tensors -> the C++ kernels, built on first use, other devices -> the chunked torch
+            backend; where the first choice cannot run, a warning and the torch backend), "triton", "cpu" or
+            "torch" (these three raise when they cannot run).
     """
 
     gvpo_beta: float = field(default=0.1, metadata={"help": "GVPO's KL coefficient beta (official recipe: 0.1)."})
@@ -204,21 +207,15 @@ class GVPOTrainer(GRPOTrainer):
         hidden, last_logits, autocast_dtype, aux_loss = self._last_hidden_state(model, input_ids, attention_mask,
                                                                                  inputs)
         weight, bias = _lm_head_params(self.accelerator.unwrap_model(model))
-        # The LM head's precision as the model's own forward has it: fp32 when TRL casts the head to fp32, the
-        # autocast dtype under mixed precision (as TRL's log-probs and so the anchor), else the weight's dtype.
-        if self.args.cast_lm_head_to_fp32:
-            dtype = torch.float32
-        elif autocast_dtype is not None and weight.dtype == torch.float32:
-            dtype = autocast_dtype
-        else:
-            dtype = weight.dtype
+        dtype = lm_head_dtype(self.args.cast_lm_head_to_fp32, autocast_dtype, weight.dtype)
         if not self._gvpo_head_checked:
-            _check_hidden_matches_logits(hidden[:, -1], weight, bias, last_logits, dtype)
+            # The model's own forward ran its head under autocast even when TRL cast it to fp32 (TRL's fp32 forward
+            # does not leave autocast; only its fused head, and so the anchor, does): check in that precision.
+            _check_hidden_matches_logits(hidden[:, -1], weight, bias, last_logits, autocast_dtype or weight.dtype)
             self._gvpo_head_checked = True
         hidden = hidden[:, -num_completion - 1 : -1]  # hidden[:, t] scores completion token t
 
-        device_type = hidden.device.type
-        with torch.autocast(device_type, enabled=False) if _autocast_available(device_type) else nullcontext():
+        with _no_autocast(hidden.device.type):
             loss, stats = linear_gvpo_loss(
                 hidden.to(dtype), weight.to(dtype), completion_ids, inputs["gvpo_rewards"],
                 bias=None if bias is None else bias.to(dtype), group_ids=inputs["gvpo_group_ids"], mask=mask.bool(),
@@ -258,6 +255,22 @@ class GVPOTrainer(GRPOTrainer):
         self._metrics[mode]["gvpo/loss"].append(gather(loss.detach()).mean().item())
         self._metrics[mode]["gvpo/implicit_reward"].append(gather(stats.implicit_reward).mean().item())
         self._metrics[mode]["gvpo/grad_seq_logprob_abs"].append(gather(stats.grad_seq_logprob.abs()).mean().item())
+
+
+def lm_head_dtype(cast_lm_head_to_fp32: bool, autocast_dtype: torch.dtype | None,
+                  weight_dtype: torch.dtype) -> torch.dtype:
+    """The precision TRL 1.16's fused LM head computes the logits in, so that the loss's log-probs and TRL's
+    (``old_per_token_logps``, the anchor) come from the same head.
+
+    float32 with ``cast_lm_head_to_fp32`` (TRL upcasts the hidden states, bf16 under ``bf16=True`` with a bf16
+    model, and leaves autocast); the autocast dtype under mixed precision when the weight is float32; otherwise
+    the weight's dtype. Accumulation is float32 in every case.
+    """
+    if cast_lm_head_to_fp32:
+        return torch.float32
+    if autocast_dtype is not None and weight_dtype == torch.float32:
+        return autocast_dtype
+    return weight_dtype
 
 
 def group_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int, start: int, count: int):
@@ -339,12 +352,14 @@ def _check_plain_lm_head(model) -> None:
 def _check_hidden_matches_logits(hidden_last, weight, bias, model_logits, dtype) -> None:
     """First step only: the hidden state we feed the fused loss must give the model's own logits.
 
-    hidden_last (B, H), model_logits (B, V); dtype: the precision the LM head ran in (sets the tolerance). Catches
-    a model whose ``hidden_states[-1]`` is not the LM head's input (no final norm applied) or that transforms its
-    logits in a way its config does not announce.
+    hidden_last (B, H), model_logits (B, V); dtype: the precision the model's own forward ran its LM head in (the
+    autocast dtype under mixed precision, else the weight's): the check recomputes the logits in it, with a
+    tolerance of a few roundings of that dtype. Catches a model whose ``hidden_states[-1]`` is not the LM head's
+    input (no final norm applied) or that transforms its logits in a way its config does not announce.
     """
-    with torch.no_grad():
-        ours = torch.nn.functional.linear(hidden_last.float(), weight.float(), None if bias is None else bias.float())
+    with torch.no_grad(), _no_autocast(hidden_last.device.type):
+        ours = torch.nn.functional.linear(hidden_last.to(dtype), weight.to(dtype),
+                                          None if bias is None else bias.to(dtype)).float()
         theirs = model_logits.float()
         scale = theirs.abs().max().clamp(min=1.0)
         tol = 1e-3 if dtype in (torch.float32, torch.float64) and model_logits.dtype != torch.bfloat16 else 3e-2
@@ -364,6 +379,11 @@ def _refuse_zero3() -> None:
     if is_deepspeed_zero3_enabled():
         raise ValueError("GVPOTrainer does not support DeepSpeed ZeRO-3: the fused loss reads lm_head.weight "
                          "outside the module and again in the backward; use ZeRO-2 or FSDP2")
+
+
+def _no_autocast(device_type: str):
+    """A context with autocast off on ``device_type`` (a null context where autocast does not exist)."""
+    return torch.autocast(device_type, enabled=False) if _autocast_available(device_type) else nullcontext()
 
 
 def _autocast_available(device_type: str) -> bool:
