@@ -59,7 +59,8 @@ def gvpo_loss(
         cu_seqlens: (S + 1,) int32/int64 offsets of the packed sequences; required for (N, V) logits.
         ref_logprobs: like labels, float: per-token log-probs of the anchor policy (the policy before the update,
             or a frozen reference). None: on-policy, a_i = s_i detached (the loss value is then constant).
-        beta: scale of the implicit reward r_i = beta * (s_i - a_i). The official recipe uses 0.1.
+        beta: scale of the implicit reward r_i = beta * (s_i - a_i), > 0 (GVPO's KL coefficient). The official
+            recipe uses 0.1.
         temperature: the logits are divided by it before the softmax (use the sampling temperature).
         reduction: "mean" over groups (default) or "sum".
         ignore_index: label value of positions that are not scored.
@@ -77,7 +78,9 @@ def gvpo_loss(
 
     Returns:
         The loss, a float32 scalar; with ``return_stats``, ``(loss, stats)``. The gradient of the logits has their
-        dtype and shape.
+        dtype and shape. ``-inf`` logits at columns that are no scored label are fine; a scored label whose logit
+        is ``-inf`` has log-prob ``-inf``, so its sequence's s_i is -inf and the loss NaN (as log_softmax gives).
+        Not twice differentiable: a backward with ``create_graph=True`` raises.
 
     Example::
 
