@@ -1,27 +1,68 @@
 """Triton linear path: GVPO token statistics from hidden states and the LM head, logits never materialised.
 
-Forward, grid (token blocks, vocabulary splits): each program walks its split of the vocabulary in BLOCK_V
-tiles; a tile of logits [BLOCK_N, BLOCK_V] is a tl.dot of hidden rows by weight rows accumulated in float32
-over H, folded at once into a running max and sum of exponentials per token (online log-sum-exp), and the
-label's logit is picked out of the tile that holds it. Each split writes three floats per token; a tiny merge
-combines the splits. Splitting the vocabulary keeps the GPU busy when there are few tokens.
+Tiles. A tile of logits [BLOCK_N tokens, BLOCK_V vocabulary rows] is a tl.dot of hidden rows by weight rows,
+accumulated in float32 over H in BLOCK_H steps (``_logits_tile``). In bf16/fp16 on a GPU the tile is 128 x 128 x 64
+with 8 warps: on sm_90 that is wgmma on two warpgroups (64 tokens each), on sm_80 mma.sync. Both operands are
+loaded through cp.async by Triton's software pipeliner (num_stages): the hidden rows are gathered through an
+index of scored rows, and what lets the pipeliner prefetch them is that the strides of hidden are *specialised*
+(Triton keys an int argument only on == 1 and % 16, so a new N or T adds no variant), which keeps the %16
+alignment fact of every row. Only the lengths (num_rows, seq_len) and the grid's split counts are not specialised.
+fp32 inputs use IEEE fp32 dots (not TF32: fp32's tolerance is 1e-5), 64 x 64 x 32 tiles; fp64 is computed in fp32.
 
-Only scored tokens are computed (prompt and padding rows are skipped entirely: in RL batches they are often
-half the tokens), through an index of scored rows.
+Tile order (L2). Every kernel over (token blocks x vocabulary) runs on a 1-D grid in *grouped* order: the
+programs of one group share GROUP_N token blocks, the token block varying fastest. At Qwen2.5-7B shape on 132 SMs
+the programs in flight hold 8 hidden strips (128 x 3584 bf16, 7 MB) and ~17 weight tiles (15 MB): both stay in
+the 50 MB L2, so each hidden strip is read from HBM about once and each weight tile once per 8 token blocks.
 
-Backward, why this decomposition. d_hidden = G @ W and d_weight = G^T @ h with G = dL/dlogits. A fully fused
-kernel must add each [BLOCK_N, BLOCK_V] tile's contribution into d_hidden and d_weight: with H in the thousands
-neither accumulator fits in registers, so it would take atomics that move N * H * V / BLOCK_V floats (~10^11
-at 16k tokens x 152k vocabulary), far more than the GEMMs themselves. Instead, for a chunk of scored tokens at a
-time, one kernel recomputes each logits tile, forms G = c * (onehot - softmax) in registers and writes it in the
-input dtype into a chunk buffer of at most CHUNK_BYTES (so memory stays bounded whatever N and V are); then two
-GEMMs in PyTorch (cuBLAS, float32 accumulation) contract it: d_hidden for the chunk's rows, and d_weight added
-into a float32 accumulator across chunks (DESIGN section 4). Four GEMMs in all: logits twice, d_hidden, d_weight.
+Forward (``linear_logprob_fwd_kernel``): program (token block, split) walks its split of the vocabulary tile by
+tile, folding each tile into a running max and sum of exponentials per token (online log-sum-exp) and picking the
+label's logit out of the tile that holds it; three floats per token and split leave the kernel, a tiny merge
+combines the splits. Splits: about SM-count / GROUP_N, so one group of programs fills the GPU. With STORE_EXP it
+also writes, for the three-GEMM schedule, exp(logits / T - tile max) in the input dtype and each (token, tile)'s
+max in float32: softmax = exp * exp(tile max - lse) is then exact to the input dtype's rounding, as dL/dlogits
+in that dtype is anyway (a bf16 logit would not be: ~4% error in the softmax; float32 logits would cost twice the
+bytes and twice the chunk memory).
 
-fp32 inputs use IEEE fp32 dots (tl.dot would otherwise use TF32 on the GPU, far from fp32's 1e-5 tolerance);
-fp64 inputs are computed in fp32. Triton's interpreter multiplies the raw bits of bfloat16 dot operands
-(triton-lang/triton#11584, "not supported yet"), so on the CPU bfloat16 tiles are upcast to fp32 first: the
-interpreter tests check everything but the bf16 tl.dot itself, which tests/test_gpu.py covers on a GPU.
+Backward, the GEMM schedule. d_hidden = G @ W and d_weight = G^T @ h with G = dL/dlogits = c (onehot - softmax).
+A fully fused kernel would add each tile's contribution into d_hidden and d_weight with atomics moving
+N H V / BLOCK_V floats (~10^11 at 16k tokens x 152k vocabulary); instead G is formed one chunk of scored rows at
+a time (a buffer of at most CHUNK_BYTES: memory is bounded whatever N and V are) and contracted by cuBLAS:
+  - three GEMMs when the per-sequence coefficients dL/ds are known before any logit: on-policy (no ref_logprobs)
+    r_i = 0 whatever s_i is, so dL/ds_i = -beta/(k-1) (R_i - mean R) times the reduction's scale.
+    ``linear_loss_and_grads`` then runs, per chunk, the forward with STORE_EXP (GEMM 1), turns the stored
+    exponentials into G in place (``linear_grad_from_exp_kernel``, memory-bound: 4 bytes per element), and the
+    two cuBLAS GEMMs;
+  - four GEMMs otherwise (an anchor: dL/ds needs every s of a group): the forward for the log-sum-exps, the group
+    stage, then per chunk ``linear_logprob_bwd_kernel`` recomputes the logits tile and writes G, and the same two
+    cuBLAS GEMMs (``linear_forward`` / ``linear_backward``, also what distributed.py drives).
+Who does which GEMM: the logits GEMMs are Triton, because their epilogue (online log-sum-exp, label pick,
+softmax-minus-onehot) is what keeps N x V out of memory; d_hidden (K = V) and d_weight (K = chunk tokens) are
+plain GEMMs with no epilogue to fuse, where cuBLAS (wgmma, TMA, warp-specialised) is at or above Triton's best.
+d_weight is accumulated in float32 across chunks (DESIGN section 4) *inside* the GEMM: cuBLAS
+``addmm(acc, G^T, h, out_dtype=float32, out=acc)`` reads bf16 operands and adds in fp32 into the accumulator (no
+d_weight-sized temporary, one read and one write of it per chunk); chunks of 1 GiB (3530 tokens at V 152064)
+keep that traffic at 2 x 2.2 GB per chunk. Where a PyTorch lacks ``addmm(out_dtype=)`` the chunk's product goes
+through a float32 temporary.
+
+Estimate at Qwen2.5-7B (N 16384, H 3584, V 152064, bf16) on an H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s):
+one GEMM of 2 N H V = 17.9 TFLOP takes 18.1 ms at peak, so the floor of 8 N H V is 72.2 ms. From the compiled
+form (sm_90, Triton 3.9: wgmma on two warpgroups, both operands through cp.async, 4 stages, no spills, 153 / 139 /
+127 registers for forward / forward storing / recomputing backward; no warp specialisation, so taken at ~70% of
+peak for 128 x 128 tiles, ~60% for the storing forward's 128 x 64, ~80% for cuBLAS):
+  on-policy, three GEMMs: forward storing 30 ms + its 5 GB of stores ~1 ms + G pass (10 GB) 3.3 ms + d_hidden
+    22.6 ms + d_weight 22.6 ms + 5 chunks x 4.4 GB of float32 accumulator traffic 6.5 ms ~ 86 ms = 1.19x the floor;
+  with an anchor, four GEMMs: forward 25.8 ms + recomputing backward 26.8 ms + 22.6 + 22.6 + 6.5 ~ 104 ms = 1.44x.
+What would close the rest: a persistent, warp-specialised forward (TMA descriptors and a producer warpgroup,
+128 x 256 tiles: ~80% of peak, -8 ms) once Triton 3.6 and 3.9 share that API; for the four-GEMM case, chunking G
+along the vocabulary when N < V (each d_weight row written once by one GEMM with K = N: -6.5 ms); and d_hidden
+fused into the recomputing kernel's epilogue where H is small enough for its accumulator to stay on chip.
+
+Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton-lang/triton#11584, "not supported
+yet"), so on the CPU bfloat16 tiles are upcast to fp32 first: the interpreter tests check everything but the bf16
+tl.dot itself, which tests/test_gpu.py covers on a GPU.
+
+Every launcher is a pure plan function (``*_plan``: tensors, which may be meta tensors, and a plan.Device ->
+plan.Plan; reads no tensor values) and a ``launch`` of it; tests/aot_linear.py compiles the same plans.
 """
 
 import torch
@@ -30,125 +71,30 @@ import triton.language as tl
 
 from .._alloc import empty
 from ..layout import Layout
+from ..torch_impl import _token_coef
+from .group import group_stage
+from .plan import Device, Plan, device_of, launch
 
-CHUNK_BYTES = 512 << 20  # bytes of the dL/dlogits chunk buffer in the backward
+CHUNK_BYTES = 1 << 30  # bytes of the per-chunk buffer (dL/dlogits, or the stored exponentials) in the backward
+GROUP_N = 8  # token blocks per group of the grouped tile order
+GRAD_BLOCK_N = 16  # token rows per program of the elementwise G pass
 
-
-@triton.jit(do_not_specialize=["num_rows", "seq_len", "stride_h_b", "stride_h_t"])
-def linear_logprob_fwd_kernel(
-    # pointers
-    h_ptr,  # (B', T', H) hidden, last dim contiguous
-    w_ptr,  # (V, H) weight, last dim contiguous
-    bias_ptr,  # (V,) or unused
-    rows_ptr,  # (M,) int64 flat token id of each scored row
-    target_ptr,  # (N,) int64 target id per token (-1 not scored, >= V in another rank's vocabulary slice)
-    max_ptr,  # (SPLITS, M) float32 out: running max of logits / T
-    sumexp_ptr,  # (SPLITS, M) float32 out: sum of exp(logits / T - max)
-    label_ptr,  # (SPLITS, M) float32 out: the target's logit / T (0 in splits that do not hold it)
-    # sizes and strides
-    num_rows,
-    vocab_size,
-    hidden_size,
-    seq_len,
-    stride_h_b,
-    stride_h_t,
-    stride_w_v,
-    # scalars
-    inv_temperature,
-    blocks_per_split,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_rows = offs_n < num_rows
-    token = tl.load(rows_ptr + offs_n, mask=in_rows, other=0)
-    target = tl.load(target_ptr + token, mask=in_rows, other=-1)
-    b = token // seq_len
-    h_rows = h_ptr + b * stride_h_b + (token - b * seq_len) * stride_h_t
-
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    acc_exp = tl.zeros([BLOCK_N], tl.float32)
-    label = tl.zeros([BLOCK_N], tl.float32)
-    v_begin = split * blocks_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, vocab_size)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        in_vocab = offs_v < vocab_size
-        b_z = _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v,
-                           inv_temperature, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        b_z = tl.where(in_vocab[None, :], b_z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(b_z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of -inf logits must not give NaN
-        acc_exp = acc_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(b_z - m_safe[:, None]), axis=1)
-        m = m_new
-        is_label = (offs_v[None, :] == target[:, None]) & in_vocab[None, :]  # target >= V: another rank's slice
-        label += tl.sum(tl.where(is_label, b_z, 0.0), axis=1)
-
-    out = split.to(tl.int64) * num_rows + offs_n
-    tl.store(max_ptr + out, m, mask=in_rows)
-    tl.store(sumexp_ptr + out, acc_exp, mask=in_rows)
-    tl.store(label_ptr + out, label, mask=in_rows)
-
-
-@triton.jit(do_not_specialize=["num_rows", "seq_len", "stride_h_b", "stride_h_t"])
-def linear_logprob_bwd_kernel(
-    # pointers
-    h_ptr,  # (B', T', H) hidden
-    w_ptr,  # (V, H) weight
-    bias_ptr,  # (V,) or unused
-    rows_ptr,  # (M_c,) int64 flat token id of each scored row of this chunk
-    target_ptr,  # (N,) int64
-    lse_ptr,  # (N,) float32 log-sum-exp of logits / T from the forward
-    coef_ptr,  # (N,) float32 grad_loss * dL/ds[seq] / T per token
-    g_ptr,  # (M_c, V) out: dL/dlogits of the chunk, in the input dtype
-    # sizes and strides
-    num_rows,
-    vocab_size,
-    hidden_size,
-    seq_len,
-    stride_h_b,
-    stride_h_t,
-    stride_w_v,
-    stride_g_n,
-    # scalars
-    inv_temperature,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_rows = offs_n < num_rows
-    in_vocab = offs_v < vocab_size
-    token = tl.load(rows_ptr + offs_n, mask=in_rows, other=0)
-    target = tl.load(target_ptr + token, mask=in_rows, other=-1)
-    lse = tl.load(lse_ptr + token, mask=in_rows, other=0.0)
-    coef = tl.load(coef_ptr + token, mask=in_rows, other=0.0)
-    b = token // seq_len
-    h_rows = h_ptr + b * stride_h_b + (token - b * seq_len) * stride_h_t
-
-    b_z = _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v,
-                       inv_temperature, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    b_p = tl.exp(b_z - lse[:, None])
-    b_g = coef[:, None] * (tl.where(offs_v[None, :] == target[:, None], 1.0, 0.0) - b_p)
-    g_tile = g_ptr + offs_n[:, None] * stride_g_n + offs_v[None, :]
-    tl.store(g_tile, b_g.to(g_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab[None, :])
+_LENGTHS = ["num_rows", "seq_len", "num_splits", "blocks_per_split"]  # vary per step: never specialised
 
 
 @triton.jit
-def _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v, inv_temperature,
-                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _grouped(pid, num_rows, num_cols, GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program id -> (token block, column) in grouped order: GROUP_N token blocks per group, token fastest."""
+    token_blocks = tl.cdiv(num_rows, BLOCK_N)
+    width = GROUP_N * num_cols
+    first = (pid // width) * GROUP_N
+    size = tl.minimum(token_blocks - first, GROUP_N)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
+def _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v, stride_bias_v,
+                 inv_temperature, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """[BLOCK_N, BLOCK_V] float32 tile of (hidden @ weight.T + bias) / T, accumulated over H in BLOCK_H steps."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -163,108 +109,459 @@ def _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size
             b_w = b_w.to(tl.float32)
         acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_v, mask=in_vocab, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_v.to(tl.int64) * stride_bias_v, mask=in_vocab, other=0.0).to(tl.float32)[None, :]
     return acc * inv_temperature
 
 
-def _meta(dtype: torch.dtype, hidden_size: int, device: torch.device):
-    """Block sizes from the shapes (never from N), and the dot precision for the dtype."""
-    wide = dtype in (torch.float32, torch.float64)
-    block_h = max(16, min(32 if wide else 64, triton.next_power_of_2(hidden_size)))
-    upcast = dtype == torch.float64 or (dtype == torch.bfloat16 and device.type == "cpu")
-    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if wide or upcast else "tf32",
-                BLOCK_N=64, BLOCK_V=64 if wide else 128, BLOCK_H=block_h, num_warps=4 if wide else 8,
-                num_stages=2 if wide else 3)
+@triton.jit
+def _label_logits(h_rows, w_ptr, bias_ptr, label_col, in_rows, hidden_size, stride_w_v, stride_bias_v,
+                  inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(BLOCK_N,) float32 (hidden . weight[label] + bias[label]) / T of each row, 0 where label_col is -1."""
+    has = in_rows & (label_col >= 0)
+    w_rows = w_ptr + tl.where(has, label_col, 0).to(tl.int64) * stride_w_v
+    acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_H):
+        offs_h = k0 + tl.arange(0, BLOCK_H)
+        mask = has[:, None] & (offs_h < hidden_size)[None, :]
+        b_h = tl.load(h_rows[:, None] + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += b_h * tl.load(w_rows[:, None] + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    label = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        label += tl.load(bias_ptr + label_col.to(tl.int64) * stride_bias_v, mask=has, other=0.0).to(tl.float32)
+    return tl.where(has, label * inv_temperature, 0.0)
 
 
-def _num_splits(token_blocks: int, vocab_blocks: int, device: torch.device) -> int:
-    """Split the vocabulary until the grid has about two programs per streaming multiprocessor."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+@triton.jit
+def _hidden_rows(h_ptr, rows_ptr, target_ptr, offs_n, in_rows, vocab_size, seq_len, stride_h_b, stride_h_t):
+    """For the scored rows offs_n (BLOCK_N,): pointers to their hidden rows (B', T', H), the int32 column of each
+    label in this vocabulary (-1 where the label lies in another rank's slice: target >= V), and their token ids."""
+    token = tl.load(rows_ptr + offs_n, mask=in_rows, other=0)
+    target = tl.load(target_ptr + token, mask=in_rows, other=-1)
+    label_col = tl.where(target < vocab_size, target, -1).to(tl.int32)  # int32 compares in the tile epilogue
+    b = token // seq_len
+    return h_ptr + b * stride_h_b + (token - b * seq_len) * stride_h_t, label_col, token
+
+
+@triton.jit(do_not_specialize=_LENGTHS)
+def linear_logprob_fwd_kernel(
+    # pointers
+    h_ptr,  # (B', T', H) hidden, last dim contiguous
+    w_ptr,  # (V, H) weight, last dim contiguous
+    bias_ptr,  # (V,) bias (any stride) or unused
+    rows_ptr,  # (M,) int64 flat token id of each scored row
+    target_ptr,  # (N,) int64 target id per token (-1 not scored, >= V in another rank's vocabulary slice)
+    max_ptr,  # (SPLITS, M) float32 out: running max of logits / T
+    sumexp_ptr,  # (SPLITS, M) float32 out: sum of exp(logits / T - max)
+    label_ptr,  # (SPLITS, M) float32 out: the target's logit / T (0 in splits that do not hold it)
+    exp_ptr,  # (M, V) out with STORE_EXP, input dtype: exp(logits / T - tile max); else unused
+    tile_max_ptr,  # (M, cdiv(V, BLOCK_V)) float32 out with STORE_EXP: each tile's max (0 for a tile of -inf)
+    # sizes and strides
+    num_rows,
+    vocab_size,
+    hidden_size,
+    seq_len,
+    stride_h_b,
+    stride_h_t,
+    stride_w_v,
+    stride_bias_v,
+    stride_e_n,
+    stride_tm_n,
+    # scalars
+    inv_temperature,
+    num_splits,
+    blocks_per_split,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    STORE_EXP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_n, split = _grouped(tl.program_id(0), num_rows, num_splits, GROUP_N, BLOCK_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = offs_n < num_rows
+    h_rows, label_col, _ = _hidden_rows(h_ptr, rows_ptr, target_ptr, offs_n, in_rows, vocab_size, seq_len,
+                                        stride_h_b, stride_h_t)
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    acc_exp = tl.zeros([BLOCK_N], tl.float32)
+    v_begin = split * blocks_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, vocab_size)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        in_vocab = offs_v < vocab_size
+        b_z = _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v,
+                           stride_bias_v, inv_temperature, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V,
+                           BLOCK_H)
+        b_z = tl.where(in_vocab[None, :], b_z, float("-inf"))
+        tile_max = tl.max(b_z, axis=1)
+        tile_safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)  # a tile of -inf logits must not give NaN
+        b_e = tl.exp(b_z - tile_safe[:, None])
+        m_new = tl.maximum(m, tile_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc_exp = acc_exp * tl.exp(m - m_safe) + tl.sum(b_e, axis=1) * tl.exp(tile_safe - m_safe)
+        m = m_new
+        if STORE_EXP:  # int32 offsets: the chunk buffer holds fewer than 2^31 elements (forward_plan checks)
+            offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            e_tile = exp_ptr + offs_c[:, None] * stride_e_n + offs_v[None, :]
+            tl.store(e_tile, b_e.to(exp_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab[None, :])
+            tl.store(tile_max_ptr + offs_c * stride_tm_n + v0 // BLOCK_V, tile_safe, mask=in_rows)
+
+    out = split.to(tl.int64) * num_rows + offs_n
+    tl.store(max_ptr + out, m, mask=in_rows)
+    tl.store(sumexp_ptr + out, acc_exp, mask=in_rows)
+    if split == 0:  # the label's logit, as one dot per row (a pick from every tile would cost ~40 registers)
+        label = _label_logits(h_rows, w_ptr, bias_ptr, label_col, in_rows, hidden_size, stride_w_v, stride_bias_v,
+                              inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_H)
     else:
-        target = 4  # the interpreter: a few splits, so the merge is exercised
-    return max(1, min(vocab_blocks, triton.cdiv(target, token_blocks)))
+        label = tl.zeros([BLOCK_N], tl.float32)
+    tl.store(label_ptr + out, label, mask=in_rows)
 
 
-def _scored_rows(target: torch.Tensor) -> torch.Tensor:
-    return (target >= 0).nonzero().squeeze(1)
+@triton.jit(do_not_specialize=_LENGTHS[:2])
+def linear_logprob_bwd_kernel(
+    # pointers
+    h_ptr,  # (B', T', H) hidden
+    w_ptr,  # (V, H) weight
+    bias_ptr,  # (V,) bias (any stride) or unused
+    rows_ptr,  # (M_c,) int64 flat token id of each scored row of this chunk
+    target_ptr,  # (N,) int64
+    lse_ptr,  # (N,) float32 log-sum-exp of logits / T from the forward
+    coef_ptr,  # (N,) float32 grad_loss * dL/ds[seq] / T per token
+    g_ptr,  # (M_c, V) out: dL/dlogits of the chunk, in the input dtype
+    # sizes and strides
+    num_rows,
+    vocab_size,
+    hidden_size,
+    seq_len,
+    stride_h_b,
+    stride_h_t,
+    stride_w_v,
+    stride_bias_v,
+    stride_g_n,
+    # scalars
+    inv_temperature,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_n, pid_v = _grouped(tl.program_id(0), num_rows, tl.cdiv(vocab_size, BLOCK_V), GROUP_N, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # int32: the chunk holds fewer than 2^31 elements
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_rows = offs_n < num_rows
+    in_vocab = offs_v < vocab_size
+    h_rows, label_col, token = _hidden_rows(h_ptr, rows_ptr, target_ptr, offs_n, in_rows, vocab_size, seq_len,
+                                            stride_h_b, stride_h_t)
+    lse = tl.load(lse_ptr + token, mask=in_rows, other=0.0)
+    coef = tl.load(coef_ptr + token, mask=in_rows, other=0.0)
+
+    b_z = _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v, stride_bias_v,
+                       inv_temperature, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    b_p = tl.exp(b_z - lse[:, None])
+    b_g = coef[:, None] * (tl.where(offs_v[None, :] == label_col[:, None], 1.0, 0.0) - b_p)
+    g_tile = g_ptr + offs_n[:, None] * stride_g_n + offs_v[None, :]
+    tl.store(g_tile, b_g.to(g_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab[None, :])
 
 
-def _common_args(rows: torch.Tensor, weight: torch.Tensor):
-    num_b, seq_len, hidden_size = rows.shape
-    return (weight.shape[0], hidden_size, seq_len, rows.stride(0), rows.stride(1), weight.stride(0))
+@triton.jit(do_not_specialize=["num_rows"])
+def linear_grad_from_exp_kernel(
+    # pointers
+    e_ptr,  # (M_c, V) in: exp(logits / T - tile max) from the forward; out: dL/dlogits, same dtype, in place
+    tile_max_ptr,  # (M_c, cdiv(V, BLOCK_V)) float32
+    target_ptr,  # (M_c,) int64 targets of the chunk's rows
+    lse_ptr,  # (M_c,) float32
+    coef_ptr,  # (M_c,) float32 dL/ds[seq] / T
+    # sizes and strides
+    num_rows,
+    vocab_size,
+    stride_e_n,
+    stride_tm_n,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # int32: fewer than 2^31 elements
+    pid_v = tl.program_id(1)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_rows = offs_n < num_rows
+    mask = in_rows[:, None] & (offs_v < vocab_size)[None, :]
+    target = tl.load(target_ptr + offs_n, mask=in_rows, other=-1)
+    label_col = tl.where(target < vocab_size, target, -1).to(tl.int32)
+    scale = tl.exp(tl.load(tile_max_ptr + offs_n * stride_tm_n + pid_v, mask=in_rows, other=0.0)
+                   - tl.load(lse_ptr + offs_n, mask=in_rows, other=0.0))
+    coef = tl.load(coef_ptr + offs_n, mask=in_rows, other=0.0)
+    e_tile = e_ptr + offs_n[:, None] * stride_e_n + offs_v[None, :]
+    b_p = tl.load(e_tile, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
+    b_g = coef[:, None] * (tl.where(offs_v[None, :] == label_col[:, None], 1.0, 0.0) - b_p)
+    tl.store(e_tile, b_g.to(e_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plans: shapes, dtypes and the device -> launches (no tensor values read; meta tensors work)
+
+
+def tile_config(dtype: torch.dtype, hidden_size: int, device: Device, store: bool = False) -> dict:
+    """The meta-parameters of the logits tiles: block sizes from the dtype and H (never from N), dot precision.
+
+    16-bit inputs: 128 tokens x 128 vocabulary rows x 64 of H, 8 warps (two wgmma warpgroups on sm_90), 4 stages
+    on sm_90 (128 KB of shared memory), 3 on sm_80; ``store`` (the forward that also writes the exponentials):
+    128 x 64, whose stores would otherwise take the registers past 168. fp32/fp64: 64 x 64 x 32, 4 warps."""
+    wide = dtype in (torch.float32, torch.float64)
+    upcast = dtype == torch.float64 or (dtype == torch.bfloat16 and device.interpreter)
+    if wide:
+        return dict(UPCAST=upcast, DOT_PRECISION="ieee", GROUP_N=GROUP_N, BLOCK_N=64, BLOCK_V=64,
+                    BLOCK_H=max(16, min(32, triton.next_power_of_2(hidden_size))), num_warps=4, num_stages=2)
+    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32", GROUP_N=GROUP_N, BLOCK_N=128,
+                BLOCK_V=64 if store else 128, BLOCK_H=max(16, min(64, triton.next_power_of_2(hidden_size))),
+                num_warps=8, num_stages=4 if device.arch >= 90 else 3)
+
+
+def num_splits(num_rows: int, vocab_size: int, config: dict, device: Device) -> int:
+    """Vocabulary splits of the forward: one group of GROUP_N token blocks x splits fills the SMs (a few in the
+    interpreter, so that the merge is exercised); never more than the vocabulary tiles, never 0."""
+    token_blocks = max(1, triton.cdiv(num_rows, config["BLOCK_N"]))
+    vocab_blocks = triton.cdiv(vocab_size, config["BLOCK_V"])
+    target = 4 if device.interpreter else device.sm_count
+    splits = max(1, min(vocab_blocks, triton.cdiv(target, min(token_blocks, GROUP_N))))
+    return triton.cdiv(vocab_blocks, triton.cdiv(vocab_blocks, splits))  # no empty split
+
+
+def _check_operands(rows, weight, bias):
+    if rows.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("the linear kernels need hidden and weight with a contiguous last dimension")
+    if bias is not None and bias.dim() != 1:
+        raise ValueError(f"bias must be (V,), got shape {tuple(bias.shape)}")
+
+
+def _check_chunk(buffer):
+    if buffer.stride(-1) != 1 or buffer.shape[0] * buffer.stride(0) >= 2**31:
+        raise ValueError("a chunk buffer must have a contiguous last dimension and fewer than 2^31 elements "
+                         "(the kernels address it with int32 offsets)")
+
+
+def _operand_args(rows, weight, bias):
+    """hidden, weight, bias pointers, then V, H, T', hidden's strides, weight's stride, bias's stride."""
+    _check_operands(rows, weight, bias)
+    vocab_size, hidden_size = weight.shape
+    return ((rows, weight, weight if bias is None else bias),
+            (vocab_size, hidden_size, rows.shape[1], rows.stride(0), rows.stride(1), weight.stride(0),
+             0 if bias is None else bias.stride(0)))
+
+
+def forward_plan(rows, weight, bias, scored, target, parts, temperature: float, device: Device, exp=None,
+                 tile_max=None) -> Plan:
+    """The forward over the scored rows ``scored`` (M,) int64 of rows (B', T', H) x weight (V, H).
+
+    parts: (3, splits, M) float32 out (splits from :func:`num_splits`); exp (M, V) in the input dtype and
+    tile_max (M, cdiv(V, BLOCK_V)) float32 to store the exponentials (three-GEMM schedule), or None.
+    """
+    store = exp is not None
+    config = tile_config(rows.dtype, weight.shape[1], device, store)
+    num_rows, splits = scored.shape[0], parts.shape[1]
+    pointers, sizes = _operand_args(rows, weight, bias)
+    vocab_blocks = triton.cdiv(weight.shape[0], config["BLOCK_V"])
+    if store:
+        _check_chunk(exp)
+    grid = (triton.cdiv(num_rows, config["BLOCK_N"]) * splits,)
+    args = (*pointers, scored, target, parts[0], parts[1], parts[2], exp if store else parts,
+            tile_max if store else parts, num_rows, *sizes, exp.stride(0) if store else 0,
+            tile_max.stride(0) if store else 0, 1.0 / temperature, splits, triton.cdiv(vocab_blocks, splits))
+    return Plan(linear_logprob_fwd_kernel, grid, args, dict(HAS_BIAS=bias is not None, STORE_EXP=store, **config),
+                _label("linear_fwd" + ("_store" if store else ""), rows, weight, bias, config))
+
+
+def backward_plan(rows, weight, bias, chunk, target, lse, coef, grad, temperature: float, device: Device) -> Plan:
+    """dL/dlogits of the scored rows ``chunk`` (M_c,) into grad (M_c, V), logits recomputed (four-GEMM schedule).
+
+    target, lse, coef: (N,) per token (int64, float32: lse from the forward, coef = dL/ds[seq] / T)."""
+    config = tile_config(rows.dtype, weight.shape[1], device)
+    num_rows = chunk.shape[0]
+    pointers, sizes = _operand_args(rows, weight, bias)
+    _check_chunk(grad)
+    grid = (triton.cdiv(num_rows, config["BLOCK_N"]) * triton.cdiv(weight.shape[0], config["BLOCK_V"]),)
+    args = (*pointers, chunk, target, lse, coef, grad, num_rows, *sizes, grad.stride(0), 1.0 / temperature)
+    return Plan(linear_logprob_bwd_kernel, grid, args, dict(HAS_BIAS=bias is not None, **config),
+                _label("linear_bwd", rows, weight, bias, config))
+
+
+def grad_from_exp_plan(exp, tile_max, target, lse, coef, block_v: int) -> Plan:
+    """exp (M_c, V) from forward_plan(exp=...) -> dL/dlogits in place; target, lse, coef (M_c,) of its rows.
+    ``block_v``: the BLOCK_V of that forward (tile_max holds one float per row and BLOCK_V columns)."""
+    num_rows, vocab_size = exp.shape
+    _check_chunk(exp)
+    grid = (triton.cdiv(num_rows, GRAD_BLOCK_N), triton.cdiv(vocab_size, block_v))
+    return Plan(linear_grad_from_exp_kernel, grid,
+                (exp, tile_max, target, lse, coef, num_rows, vocab_size, exp.stride(0), tile_max.stride(0)),
+                dict(BLOCK_N=GRAD_BLOCK_N, BLOCK_V=block_v, num_warps=4),
+                f"linear_grad_from_exp V={vocab_size} {_dtype_name(exp.dtype)}")
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _label(name, rows, weight, bias, config):
+    vocab_size, hidden_size = weight.shape
+    tile = f"{config['BLOCK_N']}x{config['BLOCK_V']}x{config['BLOCK_H']} w{config['num_warps']} s{config['num_stages']}"
+    return (f"{name} H={hidden_size} V={vocab_size} {_dtype_name(rows.dtype)}{' bias' if bias is not None else ''}"
+            f" tile={tile}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the backend interface
 
 
 def linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias, target: torch.Tensor, temperature: float):
     """rows (B', T', H) hidden, weight (V, H) -> token log-prob (N,), lse (N,), float32; 0 where not scored."""
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    vocab_size, hidden_size = weight.shape
-    meta = _meta(rows.dtype, hidden_size, rows.device)
-    scored = _scored_rows(target)
-    num_rows = scored.numel()
-    token_blocks = triton.cdiv(num_rows, meta["BLOCK_N"])
-    vocab_blocks = triton.cdiv(vocab_size, meta["BLOCK_V"])
-    splits = _num_splits(token_blocks, vocab_blocks, rows.device)
-    blocks_per_split = triton.cdiv(vocab_blocks, splits)
-    splits = triton.cdiv(vocab_blocks, blocks_per_split)  # no empty split
-
-    parts = empty((3, splits, num_rows), dtype=torch.float32, device=rows.device)
-    if num_rows:
-        linear_logprob_fwd_kernel[(token_blocks, splits)](
-            rows, weight, bias if bias is not None else weight, scored, target, parts[0], parts[1], parts[2],
-            num_rows, *_common_args(rows, weight),
-            1.0 / temperature, blocks_per_split,
-            HAS_BIAS=bias is not None, **meta,
-        )
-    split_max, split_sumexp, split_label = parts
-    top = split_max.max(dim=0).values
-    lse_scored = top + torch.log((split_sumexp * torch.exp(split_max - top)).sum(dim=0))
+    work = _LinearWork(rows, weight, bias, target, temperature)
     token_logprob = torch.zeros(target.shape, dtype=torch.float32, device=rows.device)
     lse = torch.zeros(target.shape, dtype=torch.float32, device=rows.device)
-    token_logprob[scored] = split_label.sum(dim=0) - lse_scored
-    lse[scored] = lse_scored
+    if work.scored.numel():
+        token_logprob[work.scored], lse[work.scored] = work.forward(work.scored)
     return token_logprob, lse
 
 
 def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float):
-    """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype."""
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    vocab_size, hidden_size = weight.shape
-    meta = _meta(rows.dtype, hidden_size, rows.device)
-    coef = grad_seq_logprob[lay.token_seq] * (grad_loss.float() / temperature)
-    scored = _scored_rows(lay.target)
-    flat_hidden = rows.reshape(-1, hidden_size)
+    """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype: the gradient
+    pass of the four-GEMM schedule (logits recomputed, lse from the forward); zeros where nothing is scored."""
+    work = _LinearWork(rows, weight, bias, lay.target, temperature, (True, True, bias is not None))
+    coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
+    for chunk in work.chunks():
+        grad = work.chunk_buffer(chunk.numel())
+        launch(backward_plan(work.rows, work.weight, bias, chunk, lay.target, lse, coef, grad, temperature,
+                             work.device))
+        work.add_grads(chunk, grad)
+    return work.grads()
 
-    d_hidden = torch.zeros(flat_hidden.shape, dtype=rows.dtype, device=rows.device)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    d_bias = torch.zeros(vocab_size, dtype=torch.float32, device=weight.device) if bias is not None else None
-    chunk_rows = max(meta["BLOCK_N"], CHUNK_BYTES // (vocab_size * rows.element_size()))
-    for start in range(0, scored.numel(), chunk_rows):
-        chunk = scored[start : start + chunk_rows]
-        grad = empty((chunk.numel(), vocab_size), dtype=rows.dtype, device=rows.device)
-        grid = (triton.cdiv(chunk.numel(), meta["BLOCK_N"]), triton.cdiv(vocab_size, meta["BLOCK_V"]))
-        linear_logprob_bwd_kernel[grid](
-            rows, weight, bias if bias is not None else weight, chunk, lay.target, lse, coef, grad,
-            chunk.numel(), *_common_args(rows, weight), grad.stride(0),
-            1.0 / temperature,
-            HAS_BIAS=bias is not None, **meta,
-        )
-        h = flat_hidden.index_select(0, chunk)
-        d_hidden.index_copy_(0, chunk, grad @ weight)
-        _add_matmul_(d_weight, grad.T, h)
-        if d_bias is not None:
-            d_bias += grad.sum(dim=0, dtype=torch.float32)
-    return d_hidden.view(rows.shape), d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype)
+
+def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperature: float, needs):
+    """The linear path's loss and statistics and, for grad_loss = 1, the gradients that ``needs`` asks for.
+
+    Args:
+        rows: (B', T', H) hidden states (``layout.as_rows``); weight (V, H); bias (V,) or None.
+        needs: (hidden, weight, bias) booleans; gradients not asked for are None (and their GEMMs skipped).
+
+    Returns:
+        loss (), seq_logprob (S,), implicit_reward (S,), grad_seq_logprob (S,) float32, d_hidden (B', T', H) in the
+        hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32), or None.
+
+    Three GEMMs on-policy (no ref_logprobs: dL/ds does not depend on s, so it is known before any logit), four
+    otherwise (forward, group stage, then :func:`linear_backward`); see the module docstring.
+    """
+    needs = (needs[0], needs[1], needs[2] and bias is not None)
+    if not any(needs) or lay.token_ref is not None:
+        token_logprob, lse = linear_forward(rows, weight, bias, lay.target, temperature)
+        loss, *stats = group_stage(token_logprob, lay, beta)
+        if not any(needs):
+            return loss, *stats, None, None, None
+        ones = torch.ones((), dtype=torch.float32, device=rows.device)
+        grads = linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature)
+        return (loss, *stats, *(d if need else None for d, need in zip(grads, needs)))
+
+    work = _LinearWork(rows, weight, bias, lay.target, temperature, needs)
+    token_logprob = torch.zeros(lay.num_tokens, dtype=torch.float32, device=rows.device)
+    ones = torch.ones((), dtype=torch.float32, device=rows.device)
+    coef = _token_coef(lay, group_stage(token_logprob, lay, beta)[3], ones, temperature)  # r = 0 whatever s is
+    for chunk in work.chunks():
+        exp = work.chunk_buffer(chunk.numel())
+        tile_max = work.tile_max_buffer(chunk.numel())
+        token_logprob[chunk], lse = work.forward(chunk, exp, tile_max)
+        launch(grad_from_exp_plan(exp, tile_max, lay.target[chunk], lse, coef[chunk],
+                                  work.store_config["BLOCK_V"]))
+        work.add_grads(chunk, exp)
+    return (*group_stage(token_logprob, lay, beta), *work.grads())
+
+
+class _LinearWork:
+    """One linear call: the scored rows, their chunks and buffers, the launches over a chunk, and the float32
+    gradient accumulators (allocated only for the gradients in ``needs``)."""
+
+    def __init__(self, rows, weight, bias, target, temperature: float, needs=(False, False, False)):
+        self.rows, self.bias, self.temperature = rows, bias, temperature
+        self.weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        self.target = target
+        self.device = device_of(rows.device)
+        self.config = tile_config(rows.dtype, weight.shape[1], self.device)
+        self.store_config = tile_config(rows.dtype, weight.shape[1], self.device, store=True)
+        self.scored = (target >= 0).nonzero().squeeze(1)
+        self.flat_hidden = rows.reshape(-1, rows.shape[-1])
+        self._buffers = {}
+        f32 = dict(dtype=torch.float32, device=rows.device)
+        self.d_hidden = torch.zeros(self.flat_hidden.shape, dtype=rows.dtype, device=rows.device) if needs[0] else None
+        self.d_weight = torch.zeros(weight.shape, **f32) if needs[1] else None
+        self.d_bias = torch.zeros(weight.shape[0], **f32) if needs[2] else None
+
+    def chunks(self):
+        """Slices of the scored rows, each with a chunk buffer of at most CHUNK_BYTES (at least BLOCK_N rows)."""
+        vocab_size, block = self.weight.shape[0], self.config["BLOCK_N"]
+        step = max(block, CHUNK_BYTES // (vocab_size * self.rows.element_size()) // block * block)
+        return [self.scored[lo:lo + step] for lo in range(0, self.scored.numel(), step)]
+
+    def _buffer(self, name, num_rows, cols, dtype):
+        """A (num_rows, cols) view of one buffer per name, reused by every chunk (allocated for the first)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < num_rows * cols:
+            buf = self._buffers[name] = empty((num_rows * cols,), dtype=dtype, device=self.rows.device)
+        return buf[: num_rows * cols].view(num_rows, cols)
+
+    def chunk_buffer(self, num_rows):
+        return self._buffer("chunk", num_rows, self.weight.shape[0], self.rows.dtype)
+
+    def tile_max_buffer(self, num_rows):
+        return self._buffer("tile_max", num_rows, triton.cdiv(self.weight.shape[0], self.store_config["BLOCK_V"]),
+                            torch.float32)
+
+    def forward(self, rows_index, exp=None, tile_max=None):
+        """token log-prob, lse (M,) float32 of the scored rows rows_index (M,), storing exponentials if given."""
+        config = self.config if exp is None else self.store_config
+        splits = num_splits(rows_index.numel(), self.weight.shape[0], config, self.device)
+        parts = empty((3, splits, rows_index.numel()), dtype=torch.float32, device=self.rows.device)
+        launch(forward_plan(self.rows, self.weight, self.bias, rows_index, self.target, parts, self.temperature,
+                            self.device, exp, tile_max))
+        split_max, split_sumexp, split_label = parts
+        top = split_max.max(dim=0).values
+        lse = top + torch.log((split_sumexp * torch.exp(split_max - top)).sum(dim=0))
+        return split_label.sum(dim=0) - lse, lse
+
+    def add_grads(self, chunk, grad):
+        """Contract the chunk's dL/dlogits grad (M_c, V) into the gradients asked for (cuBLAS)."""
+        if self.d_hidden is not None:
+            self.d_hidden.index_copy_(0, chunk, grad @ self.weight)
+        if self.d_weight is not None:
+            _add_matmul_(self.d_weight, grad.T, self.flat_hidden.index_select(0, chunk))
+        if self.d_bias is not None:
+            self.d_bias += grad.sum(dim=0, dtype=torch.float32)
+
+    def grads(self):
+        """d_hidden (B', T', H), d_weight (V, H), d_bias (V,) in their final dtypes, None where not computed."""
+        d_hidden = None if self.d_hidden is None else self.d_hidden.view(self.rows.shape)
+        d_weight = None if self.d_weight is None else self.d_weight.to(self.weight.dtype)
+        d_bias = None if self.d_bias is None else self.d_bias.to(self.weight.dtype)
+        return d_hidden, d_weight, d_bias
+
+
+_MIXED_ADDMM = [True]  # False once this PyTorch has shown it lacks addmm(out_dtype=)
 
 
 def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (float32) += a @ b, with a float32 result straight from the GEMM where the inputs allow it."""
+    """acc (float32) += a @ b, accumulated in float32 inside the GEMM where the inputs allow it."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            acc += torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # PyTorch without mm(out_dtype=): one rounding to a.dtype per chunk
-            acc += (a @ b).float()
+        if _MIXED_ADDMM[0]:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16 operands, fp32 C read and written
+                return
+            except (TypeError, RuntimeError):
+                _MIXED_ADDMM[0] = False
+        acc += torch.mm(a, b, out_dtype=torch.float32)  # an older PyTorch: one float32 temporary per chunk
     else:
         acc.addmm_(a.float(), b.float())

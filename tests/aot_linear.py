@@ -1,0 +1,87 @@
+"""The linear path's launches for the ahead-of-time compile test (tests/test_aot.py), and what their code must have.
+
+    linear_plans(device) -> [Plan]        every kernel of gvpo_kernels/triton/linear.py as its launchers plan it for
+                                          Qwen2.5-7B (H 3584, V 152064) and Llama-3-8B (H 4096, V 128256), bf16,
+                                          N 16384 (hidden[:, :-1] of 16 x 1025), with and without a bias, on meta
+                                          tensors: forward, forward storing exponentials (three GEMMs), the
+                                          recomputing backward (four GEMMs) and the elementwise G pass
+    check(label, arch, props)             AssertionError unless the compiled kernel has what a near-floor GEMM needs
+
+``props`` is what tests/aot.py's compile_plan returns; the keys read here: regs, spill_st / spill_ld (bytes),
+wgmma, mma_sync, cp_async, tma, ld_v4 / ld_v2 / ld_scalar (global loads by width).
+"""
+
+import torch
+import triton
+
+from gvpo_kernels.triton import linear
+from gvpo_kernels.triton.plan import Device
+
+N_TOKENS = 16384
+SHAPES = ((3584, 152064), (4096, 128256))  # (H, V)
+MAX_REGISTERS = 168  # three warpgroups' worth: room for a second CTA's warps on sm_90
+MIN_TOKENS_PER_TILE = 128
+
+
+def _meta(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def linear_plans(device: Device) -> list:
+    """The plans of every linear kernel at real shapes (see the module docstring), labelled by kernel and shape."""
+    plans = []
+    f32, i64, bf16 = torch.float32, torch.int64, torch.bfloat16
+    for hidden_size, vocab in SHAPES:
+        rows = _meta((16, 1025, hidden_size), bf16)[:, :-1]  # hidden[:, :-1]: strided along T, read in place
+        weight = _meta((vocab, hidden_size), bf16)
+        config = linear.tile_config(bf16, hidden_size, device)
+        store = linear.tile_config(bf16, hidden_size, device, store=True)
+        scored, target = _meta((N_TOKENS,), i64), _meta((N_TOKENS,), i64)
+        lse, coef = _meta((N_TOKENS,), f32), _meta((N_TOKENS,), f32)
+        splits = linear.num_splits(N_TOKENS, vocab, config, device)
+        parts = _meta((3, splits, N_TOKENS), f32)
+        chunk_rows = linear.CHUNK_BYTES // (vocab * 2) // config["BLOCK_N"] * config["BLOCK_N"]
+        chunk = _meta((chunk_rows,), i64)
+        exp = _meta((chunk_rows, vocab), bf16)
+        tile_max = _meta((chunk_rows, triton.cdiv(vocab, store["BLOCK_V"])), f32)
+        chunk_parts = _meta((3, linear.num_splits(chunk_rows, vocab, store, device), chunk_rows), f32)
+        for bias in (None, _meta((vocab,), bf16)):
+            plans.append(linear.forward_plan(rows, weight, bias, scored, target, parts, 1.0, device))
+            plans.append(linear.forward_plan(rows, weight, bias, chunk, target, chunk_parts, 1.0, device, exp,
+                                             tile_max))
+            plans.append(linear.backward_plan(rows, weight, bias, chunk, target, lse, coef, exp, 1.0, device))
+        plans.append(linear.grad_from_exp_plan(exp, tile_max, _meta((chunk_rows,), i64), _meta((chunk_rows,), f32),
+                                               _meta((chunk_rows,), f32), store["BLOCK_V"]))
+    return plans
+
+
+def _tile(label: str) -> dict:
+    """The tile of a label "... tile=128x128x64 w8 s4": tokens, vocab, hidden, warps, stages."""
+    shape, warps, stages = label.split("tile=")[1].split()[:3]
+    tokens, vocab, hidden = (int(x) for x in shape.split("x"))
+    return dict(tokens=tokens, vocab=vocab, hidden=hidden, warps=int(warps[1:]), stages=int(stages[1:]))
+
+
+def check(label: str, arch: int, props: dict) -> None:
+    """Raise AssertionError unless the compiled linear kernel ``label`` (bf16) has, on sm_90: no spills, at most
+    MAX_REGISTERS registers, both operands loaded asynchronously (TMA, or as many 16-byte cp.async as the stages
+    of both tiles need), wgmma with tiles of >= 128 tokens; on sm_80 the same with mma.sync and no register
+    limit; the elementwise G pass: no spills and 16-byte loads."""
+    spills = (props.get("spill_st") or 0) + (props.get("spill_ld") or 0)
+    assert spills == 0, f"{label} sm_{arch}: {spills} bytes of spills"
+    if label.startswith("linear_grad_from_exp"):
+        assert props["ld_v4"] > 0, f"{label} sm_{arch}: no 16-byte loads ({props['ld_v4']}/{props['ld_v2']})"
+        return
+    tile = _tile(label)
+    assert tile["tokens"] >= MIN_TOKENS_PER_TILE, f"{label}: tiles of fewer than {MIN_TOKENS_PER_TILE} tokens"
+    # Both operands through the pipeline: per stage, each thread issues one 16-byte copy per 8 bf16 of either tile.
+    per_stage = (tile["tokens"] + tile["vocab"]) * tile["hidden"] * 2 // 16 // (32 * tile["warps"])
+    asynchronous = props.get("cp_async", 0) + props.get("tma", 0)
+    assert props.get("tma", 0) or asynchronous >= tile["stages"] * per_stage, (
+        f"{label} sm_{arch}: {asynchronous} cp.async, fewer than {tile['stages']} stages x {per_stage} copies per "
+        "stage of both operands: an operand is loaded synchronously")
+    if arch >= 90:
+        assert props["wgmma"] > 0, f"{label} sm_{arch}: no wgmma"
+        assert props["regs"] <= MAX_REGISTERS, f"{label} sm_{arch}: {props['regs']} registers > {MAX_REGISTERS}"
+    else:
+        assert props["mma_sync"] > 0, f"{label} sm_{arch}: no mma.sync"
