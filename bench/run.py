@@ -145,11 +145,12 @@ def bandwidth_gbps(numels: list[int], dtype: torch.dtype, device: str, reps: int
 
 
 def _matmul_probes(shapes: list[dict], dtype: torch.dtype, device: str):
-    """(name, flops, fn, alone) of each GEMM probe: per distinct (H, V) of the linear shapes, its three GEMMs on
+    """(name, flops, fn, kind) of each GEMM probe: per distinct (H, V) of the linear shapes, its three GEMMs on
     min(N, 4096) tokens into preallocated outputs, the forward's logits = hidden @ weight.T, d_hidden = g @ weight
     and d_weight = g.T @ hidden; on the CPU also one-thread block GEMMs of each (a block of the vocabulary x
     BLOCK_TOKENS tokens, its output in L2, as a kernel that gives each thread its own blocks runs them); and one
-    square GEMM. alone: True for a one-thread probe (its rate counts times the run's threads)."""
+    square GEMM. kind: "shape", "block" (a one-thread probe: its rate counts times the run's threads) or
+    "square"."""
     made = {}
     for s in shapes:
         if s["path"] != "linear":
@@ -162,9 +163,9 @@ def _matmul_probes(shapes: list[dict], dtype: torch.dtype, device: str):
         z = torch.randn(rows, v, device=device, dtype=dtype)
         d_hidden, d_weight = torch.empty_like(x), torch.empty_like(w)
         flops = 2 * rows * h * v
-        yield f"{key} logits", flops, _mm(x, w.T, z), False
-        yield f"{key} d_hidden", flops, _mm(z, w, d_hidden), False
-        yield f"{key} d_weight", flops, _mm(z.T, x, d_weight), False
+        yield f"{key} logits", flops, _mm(x, w.T, z), "shape"
+        yield f"{key} d_hidden", flops, _mm(z, w, d_hidden), "shape"
+        yield f"{key} d_weight", flops, _mm(z.T, x, d_weight), "shape"
         if device == "cpu":
             r = min(rows, BLOCK_TOKENS)
             b = max(8, min(v, BLOCK_BYTES // (x.element_size() * r)))
@@ -172,31 +173,36 @@ def _matmul_probes(shapes: list[dict], dtype: torch.dtype, device: str):
             zb = torch.empty(b, r, dtype=dtype)
             db_h, db_w = torch.empty(r, h, dtype=dtype), torch.empty(b, h, dtype=dtype)
             flops = 2 * b * r * h
-            yield f"{key} block logits", flops, _mm(wb, xb.T, zb), True
-            yield f"{key} block d_hidden", flops, _mm(zb.T, wb, db_h), True
-            yield f"{key} block d_weight", flops, _mm(zb, xb, db_w), True
+            yield f"{key} block logits", flops, _mm(wb, xb.T, zb), "block"
+            yield f"{key} block d_hidden", flops, _mm(zb.T, wb, db_h), "block"
+            yield f"{key} block d_weight", flops, _mm(zb, xb, db_w), "block"
     n = SQUARE[device]
     a, b, c = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
-    yield f"square {n}", 2 * n**3, _mm(a, b, c), False
+    yield f"square {n}", 2 * n**3, _mm(a, b, c), "square"
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
     return lambda: torch.mm(a, b, out=out)
 
 
-def matmul_tflops(shapes: list[dict], dtype: torch.dtype, device: str, reps: int) -> dict[str, float]:
-    """TFLOP/s of each GEMM probe (see _matmul_probes) in dtype, on random data; a one-thread probe runs with
-    torch.set_num_threads(1) and counts times the run's threads (no more than the cores would give together)."""
+def matmul_tflops(shapes: list[dict], dtype: torch.dtype, device: str, reps: int,
+                  kinds=("shape", "block", "square")) -> dict[str, float]:
+    """TFLOP/s of each GEMM probe of these kinds (see _matmul_probes) in dtype, on random data; a one-thread
+    probe runs with torch.set_num_threads(1) and counts times the run's threads (no more than the cores would
+    give together)."""
     threads = torch.get_num_threads()
     out = {}
-    for name, flops, fn, alone in _matmul_probes(shapes, dtype, device):
-        if alone:
+    for name, flops, fn, kind in _matmul_probes(shapes, dtype, device):
+        if kind not in kinds:
+            continue
+        if kind == "block":
+            name = f"{name} x{threads} threads"
             torch.set_num_threads(1)
             try:
                 ms = _best_ms(fn, device, reps)
             finally:
                 torch.set_num_threads(threads)
-            name, flops = f"{name} x{threads} threads", flops * threads
+            flops *= threads
         else:
             ms = _best_ms(fn, device, reps)
         out[name] = flops / (ms * 1e-3) / 1e12
@@ -208,15 +214,19 @@ def measure_floors(shapes: list[dict], device: str, dtype: torch.dtype, floors: 
     """Measure the bandwidth probes (if a logits shape is among ``shapes``) and the matmul probes (if a linear
     one is), keeping per probe the best of these and of the earlier measurements in ``floors``, and the peaks:
     {"gbps": {probe: GB/s}, "tflops": {probe: TFLOP/s}, "peak_gbps", "peak_gbps_probe", "peak_tflops",
-    "peak_tflops_probe"}. run.py measures all at the start, then again (fewer repeats) before each provider on
-    the CPU or each shape on CUDA, so that a moment of contention on a shared machine lowers no floor."""
+    "peak_tflops_probe"}. run.py measures all at the start, then again (fewer repeats) whenever the next
+    measurement is of other shapes (CPU: the other path; CUDA: the next shape), so that a moment of contention on
+    a shared machine lowers no floor (on the CPU, where the one-thread blocks are faster, the whole shape's GEMMs
+    only at the start: they take long)."""
     floors = floors or {"gbps": {}, "tflops": {}}
     measured = {}
     numels = [s["tokens"] * s["vocab"] for s in shapes if s["path"] == "logits"]
     if numels:
         measured["gbps"] = bandwidth_gbps(numels, dtype, device, reps)
     if any(s["path"] == "linear" for s in shapes):
-        measured["tflops"] = matmul_tflops(shapes, dtype, device, reps)
+        again = device == "cpu" and bool(floors["tflops"])
+        kinds = ("block", "square") if again else ("shape", "block", "square")
+        measured["tflops"] = matmul_tflops(shapes, dtype, device, reps, kinds)
     for unit, rates in measured.items():
         for probe, rate in rates.items():
             floors[unit][probe] = max(rate, floors[unit].get(probe, 0.0))
@@ -427,7 +437,10 @@ def main(argv=None) -> int:
         batches = {}
         for task, _, _ in tasks:
             batches.setdefault((task["path"], task["provider"]), []).append(task)
-        batches = list(batches.values())
+        # eager and this package's backends first (both paths), the alternatives after them: a run stopped by
+        # its budget on a busy machine still has every backend and its baseline
+        batches = sorted(batches.values(), key=lambda b: not (b[0]["provider"] == "eager"
+                                                               or b[0]["provider"].startswith("gvpo-")))
     else:
         batches = [[task] for task, _, _ in tasks]
     last_shape = None
