@@ -7,7 +7,8 @@
 //                d_hidden (r, H), d_weight (V, H) and d_bias (V,) (float32, accumulated over chunks or not)
 //
 // Each thread owns a contiguous range of vocabulary rows (at::parallel_for over V: one parallel region per op,
-// whatever the sizes: on a machine shared with other work, every parallel region waits for a core) and walks it in blocks of block_rows rows. A block's logits are computed *transposed*,
+// whatever the sizes: on a machine shared with other work, every parallel region waits for a core) and walks it
+// in blocks of block_rows rows. A block's logits are computed *transposed*,
 // z = weight[v0:v1] @ hidden.T (+ bias), (rows, r), by a one-thread GEMM into the thread's own buffer (block_rows
 // x r, sized by the caller to stay in L2), and consumed at once while in cache:
 //   - linear_lse folds them into the thread's running maximum and sum of exponentials per token, tile by tile
@@ -15,15 +16,24 @@
 //     logit), and picks the target's logit where it lies in the block; the threads' partials are merged after.
 //   - linear_grad turns them into dL/dlogits (in place when float32), then d_weight[v0:v1] (+)= g @ hidden and
 //     d_bias[v0:v1] (+)= row sums (rows the thread owns), and its own float32 d_hidden accumulator += g.T @ weight
-//     [v0:v1], which it adds into d_hidden at the end (one thread at a time).
+//     [v0:v1]; the accumulators are summed into d_hidden after, in thread order.
+// Every reduction has a fixed order (a thread's vocabulary range depends on its number and the thread count only,
+// partials are merged in thread order): results are bitwise the same run to run at a given thread count (they may
+// differ in the last bits between thread counts).
+// The logits are float32 (float64 for float64 inputs) whatever the input dtype: a bfloat16 / float16 block of
+// weight rows is converted to float32 once (a per-thread buffer) and serves the block's GEMMs, hidden once per
+// chunk; the GEMMs are then float32 ones, as in torch's and the Triton backends (and faster than bfloat16 GEMMs on
+// CPUs without bfloat16 instructions). -inf logits (a bias masking part of the vocabulary): see gvpo_math.h.
 // Where the caller keeps the chunk's logits (logits_t, (V, r): the three-GEMM schedules, whose coefficients are
 // known once the log-sum-exps are), linear_lse writes them there and linear_grad reads them instead of computing
 // them again.
 //
 // Shapes and dtypes: hidden (r, H) contiguous, weight (V, H) with a contiguous last dimension, bias (V,); all one
-// dtype: float32, bfloat16, float16 or float64 (GEMMs in it, everything else float32). target (r,) int64 >= 0
-// (>= V: the label lies in another rank's slice of the vocabulary, its logit counts as 0 and it gets no one-hot); token_logprob, lse, coef (r,) float32; logits_t (V, r) contiguous in the input dtype; d_hidden (r, H),
-// d_weight (V, H), d_bias (V,) contiguous float32. coef[t] = 0 gives token t no gradient.
+// dtype: float32, bfloat16, float16 or float64 (GEMMs in float64 for float64, else float32; the rest float32).
+// target (r,) int64 >= 0 (>= V: the label lies in another rank's slice of the vocabulary, its logit counts as 0
+// and it gets no one-hot); token_logprob, lse, coef (r,) float32; logits_t (V, r) contiguous, float32 (float64
+// for float64 inputs); d_hidden (r, H), d_weight (V, H), d_bias (V,) contiguous float32. coef[t] = 0 gives token
+// t no gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -36,7 +46,7 @@
 
 #include <algorithm>
 #include <limits>
-#include <mutex>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -47,16 +57,21 @@ namespace {
 
 constexpr int64_t kTileRows = 32;  // vocabulary rows per tile of linear_lse: kTileRows x r floats in L1
 
-// The running log-sum-exp of tokens [0, width) over `rows` rows of a transposed block x (row stride ld): m (scaled
-// by s) and acc, with one exp per logit.
+// The dtype of the logits: float32, or float64 for float64 inputs (bfloat16 and float16 inputs are converted to
+// float32 before their GEMMs, so that no logit is ever rounded to 8 or 11 bits, nor overflows float16's 65504).
 template <typename scalar_t>
-void fold_lse(const scalar_t* x, int64_t ld, int64_t rows, int64_t width, float s, float* m, float* acc,
+using logit_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// The running log-sum-exp of tokens [0, width) over `rows` rows of a transposed block x (row stride ld): m (scaled
+// by s) and acc, with one exp per logit. A token whose logits so far are all -inf keeps m = -inf and acc = 0.
+template <typename x_t>
+void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, float* m, float* acc,
               float* tile_max) {
   for (int64_t v0 = 0; v0 < rows; v0 += kTileRows) {
     const int64_t v1 = std::min(v0 + kTileRows, rows);
     std::fill(tile_max, tile_max + width, -std::numeric_limits<float>::infinity());
     for (int64_t v = v0; v < v1; ++v) {
-      const scalar_t* row = x + v * ld;
+      const x_t* row = x + v * ld;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         const float z = static_cast<float>(row[j]);
@@ -68,19 +83,20 @@ void fold_lse(const scalar_t* x, int64_t ld, int64_t rows, int64_t width, float 
       const float grown = tile_max[j] * s > m[j] ? tile_max[j] * s : m[j];
       acc[j] *= grown == m[j] ? 1.0f : exp_f32(m[j] - grown);  // (equal also when both are -inf)
       m[j] = grown;
+      tile_max[j] = lse_shift(grown);  // from here on: the shift of the tile's exponentials
     }
     for (int64_t v = v0; v < v1; ++v) {
-      const scalar_t* row = x + v * ld;
+      const x_t* row = x + v * ld;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) acc[j] += exp_f32(static_cast<float>(row[j]) * s - m[j]);
+      for (int64_t j = 0; j < width; ++j) acc[j] += exp_f32(static_cast<float>(row[j]) * s - tile_max[j]);
     }
   }
 }
 
 // One row of a transposed block, as its part of every token's gradient: out[j] = -c[j] * exp(x[j] * s - lse[j]),
 // 0 where c[j] is 0 (never -c times garbage); out may be x.
-template <typename scalar_t>
-void row_neg_softmax_columns(const scalar_t* x, float* out, int64_t width, float s, const float* lse, const float* c) {
+template <typename x_t>
+void row_neg_softmax_columns(const x_t* x, float* out, int64_t width, float s, const float* lse, const float* c) {
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
     const float e = exp_f32(static_cast<float>(x[j]) * s - lse[j]);
@@ -89,30 +105,66 @@ void row_neg_softmax_columns(const scalar_t* x, float* out, int64_t width, float
 }
 
 struct Chunk {
-  const at::Tensor& hidden;
-  const at::Tensor& weight;
-  const std::optional<at::Tensor>& bias;
+  at::Tensor hidden;  // (r, H) in the logits' dtype
+  at::Tensor weight;  // (V, H) in the input dtype
+  std::optional<at::Tensor> bias;  // (V,) in the logits' dtype
   const int64_t* target;
   float s;  // 1 / temperature
   int64_t block_rows;
 };
 
-// z = weight[v0:v0 + rows] @ hidden.T (+ bias[v0:v0 + rows]), into z (rows, r).
-void block_logits(const Chunk& c, int64_t v0, int64_t rows, at::Tensor& z) {
-  const at::Tensor w = c.weight.narrow(0, v0, rows);
+// Per-thread buffers of one op: a block's logits (block_rows, r) and, for bfloat16 / float16 weights, the block's
+// weight rows converted to float32 (block_rows, H), converted once and used by every GEMM of the block.
+struct BlockBuffers {
+  at::Tensor logits, weight32;
+
+  BlockBuffers(const Chunk& c, bool need_logits) {
+    const auto logit_dtype = c.hidden.scalar_type();
+    if (need_logits) logits = at::empty({c.block_rows, c.hidden.size(0)}, c.hidden.options().dtype(logit_dtype));
+    if (c.weight.scalar_type() == at::kBFloat16 || c.weight.scalar_type() == at::kHalf) {
+      weight32 = at::empty({c.block_rows, c.weight.size(1)}, c.hidden.options().dtype(at::kFloat));
+    }
+  }
+
+  // weight[v0:v0 + rows] as float32: the rows themselves, converted into weight32, or (float64) a converted copy.
+  at::Tensor weight_rows_f32(const Chunk& c, int64_t v0, int64_t rows) const {
+    const at::Tensor w = c.weight.narrow(0, v0, rows);
+    if (c.weight.scalar_type() == at::kFloat) return w;
+    if (!weight32.defined()) return w.to(at::kFloat);
+    at::Tensor out = weight32.narrow(0, 0, rows);
+    out.copy_(w);
+    return out;
+  }
+};
+
+// z = w @ hidden.T (+ bias[v0:v0 + rows]) into z (rows, r), w being weight[v0:v0 + rows] in the logits' dtype.
+void block_logits(const Chunk& c, const at::Tensor& w, int64_t v0, at::Tensor& z) {
   if (c.bias.has_value()) {
-    at::addmm_out(z, c.bias->narrow(0, v0, rows).unsqueeze(1), w, c.hidden.t());
+    at::addmm_out(z, c.bias->narrow(0, v0, w.size(0)).unsqueeze(1), w, c.hidden.t());
   } else {
     at::mm_out(z, w, c.hidden.t());
+  }
+}
+
+// weight[v0:v0 + rows] as the operand of the logits' GEMM (float64 inputs: the rows themselves).
+template <typename scalar_t>
+at::Tensor logits_operand(const Chunk& c, const BlockBuffers& buffers, int64_t v0, int64_t rows) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return c.weight.narrow(0, v0, rows);
+  } else {
+    return buffers.weight_rows_f32(c, v0, rows);
   }
 }
 
 template <typename scalar_t>
 void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at::Tensor& lse,
                        const std::optional<at::Tensor>& logits_t) {
+  using x_t = logit_t<scalar_t>;
   const int64_t r = c.hidden.size(0), vocab = c.weight.size(0);
   const int64_t threads = at::get_num_threads();
   // Per thread: running maximum, running sum, target logit (r each); a thread that gets no rows leaves them as is.
+  // A thread's vocabulary range is fixed by its number and the thread count, and the partials are merged in thread
+  // order: the same result run to run.
   std::vector<float> partial(threads * 3 * r, 0.0f);
   for (int64_t t = 0; t < threads; ++t) {
     std::fill_n(partial.data() + t * 3 * r, r, -std::numeric_limits<float>::infinity());
@@ -123,12 +175,12 @@ void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at
     float* acc = m + r;
     float* label = acc + r;
     std::vector<float> tile_max(r);
-    at::Tensor buffer = logits_t.has_value() ? at::Tensor() : at::empty({c.block_rows, r}, c.hidden.options());
+    const BlockBuffers buffers(c, !logits_t.has_value());
     for (int64_t v0 = begin; v0 < end; v0 += c.block_rows) {
       const int64_t rows = std::min(c.block_rows, end - v0);
-      at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffer.narrow(0, 0, rows);
-      block_logits(c, v0, rows, z);
-      const scalar_t* x = z.data_ptr<scalar_t>();
+      at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffers.logits.narrow(0, 0, rows);
+      block_logits(c, logits_operand<scalar_t>(c, buffers, v0, rows), v0, z);
+      const x_t* x = z.data_ptr<x_t>();
       fold_lse(x, r, rows, r, c.s, m, acc, tile_max.data());
       for (int64_t j = 0; j < r; ++j) {
         const int64_t v = c.target[j] - v0;
@@ -141,15 +193,37 @@ void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at
   for (int64_t j = 0; j < r; ++j) {  // merge the threads' partials
     float m = -std::numeric_limits<float>::infinity(), label = 0.0f;
     for (int64_t t = 0; t < threads; ++t) m = std::max(m, partial[t * 3 * r + j]);
+    const float shift = lse_shift(m);
     float sum = 0.0f;
     for (int64_t t = 0; t < threads; ++t) {
       const float* p = partial.data() + t * 3 * r;
-      if (p[r + j] > 0.0f) sum += p[r + j] * exp_f32(p[j] - m);
+      if (p[r + j] != 0.0f) sum += p[r + j] * exp_f32(p[j] - shift);  // (0: no rows, or all -inf; NaN stays)
       label += p[2 * r + j];
     }
-    lse_out[j] = m + std::log(sum);
+    lse_out[j] = shift + std::log(sum);
     logprob_out[j] = label - lse_out[j];
   }
+}
+
+// out = parts[0] + parts[1] + ... in this order, element by element (the same sum whichever thread ends first);
+// zeros when there is no part. Each part and out hold `size` floats.
+void sum_in_order(const std::vector<at::Tensor>& parts, float* out, int64_t size) {
+  std::vector<const float*> written;
+  for (const at::Tensor& part : parts) {
+    if (part.defined()) written.push_back(part.data_ptr<float>());
+  }
+  if (written.empty()) {
+    std::fill(out, out + size, 0.0f);
+    return;
+  }
+  at::parallel_for(0, size, int64_t{1} << 14, [&](int64_t begin, int64_t end) {
+    std::copy(written[0] + begin, written[0] + end, out + begin);
+    for (size_t t = 1; t < written.size(); ++t) {
+      const float* part = written[t];
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) out[i] += part[i];
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -157,31 +231,34 @@ void linear_grad_kernel(const Chunk& c, const at::Tensor& lse, const at::Tensor&
                         const std::optional<at::Tensor>& logits_t, const at::Tensor& d_hidden,
                         const std::optional<at::Tensor>& d_weight, const std::optional<at::Tensor>& d_bias,
                         bool accumulate) {
+  using x_t = logit_t<scalar_t>;
   const int64_t r = c.hidden.size(0), vocab = c.weight.size(0), hidden_size = c.hidden.size(1);
-  constexpr bool kFloat32 = std::is_same_v<scalar_t, float>;
+  constexpr bool kFloatLogits = std::is_same_v<x_t, float>;  // then the gradient overwrites the block's logits
   const at::Tensor hidden32 = c.hidden.to(at::kFloat);  // the float32 gradient meets float32 operands
   const float* lse_in = lse.data_ptr<float>();
   const float* coef_in = coef.data_ptr<float>();
-  std::mutex merge;  // the threads add their d_hidden into the output one at a time, the first one copying
-  bool d_hidden_written = false;
+  // Each thread's float32 d_hidden over its vocabulary range, summed in thread order after (deterministic).
+  std::vector<at::Tensor> d_hidden_parts(at::get_num_threads());
   at::parallel_for(0, vocab, c.block_rows, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // thread-local: the workers' ATen calls skip autograd too
     at::Tensor d_hidden_part = at::empty({r, hidden_size}, hidden32.options());
     bool part_written = false;
-    at::Tensor buffer = logits_t.has_value() ? at::Tensor() : at::empty({c.block_rows, r}, c.hidden.options());
-    at::Tensor grad_buffer = kFloat32 ? at::Tensor() : at::empty({c.block_rows, r}, hidden32.options());
+    const BlockBuffers buffers(c, !logits_t.has_value());
+    at::Tensor grad_buffer = kFloatLogits ? at::Tensor() : at::empty({c.block_rows, r}, hidden32.options());
     std::vector<float> target_grad(r);
     for (int64_t v0 = begin; v0 < end; v0 += c.block_rows) {
       const int64_t rows = std::min(c.block_rows, end - v0);
-      at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffer.narrow(0, 0, rows);
-      if (!logits_t.has_value()) block_logits(c, v0, rows, z);
-      at::Tensor g = kFloat32 ? z : grad_buffer.narrow(0, 0, rows);
-      const scalar_t* x = z.data_ptr<scalar_t>();
+      const at::Tensor w32 = buffers.weight_rows_f32(c, v0, rows);
+      at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffers.logits.narrow(0, 0, rows);
+      if (!logits_t.has_value()) block_logits(c, kFloatLogits ? w32 : c.weight.narrow(0, v0, rows), v0, z);
+      at::Tensor g = kFloatLogits ? z : grad_buffer.narrow(0, 0, rows);
+      const x_t* x = z.data_ptr<x_t>();
       float* gp = g.data_ptr<float>();
       for (int64_t j = 0; j < r; ++j) {  // the targets' entries, read before g (maybe x) is written
         const int64_t v = c.target[j] - v0;
         const bool here = v >= 0 && v < rows && coef_in[j] != 0.0f;
-        target_grad[j] = here ? coef_in[j] * (1.0f - exp_f32(static_cast<float>(x[v * r + j]) * c.s - lse_in[j])) : 0.0f;
+        const float p = here ? exp_f32(static_cast<float>(x[v * r + j]) * c.s - lse_in[j]) : 0.0f;
+        target_grad[j] = here ? coef_in[j] * (1.0f - p) : 0.0f;
       }
       for (int64_t v = 0; v < rows; ++v) row_neg_softmax_columns(x + v * r, gp + v * r, r, c.s, lse_in, coef_in);
       for (int64_t j = 0; j < r; ++j) {
@@ -196,25 +273,12 @@ void linear_grad_kernel(const Chunk& c, const at::Tensor& lse, const at::Tensor&
         at::Tensor db = d_bias->narrow(0, v0, rows);
         accumulate ? (void)db.add_(g.sum(1)) : (void)at::sum_out(db, g, 1);
       }
-      const at::Tensor w = c.weight.narrow(0, v0, rows);
-      part_written ? (void)d_hidden_part.addmm_(g.t(), kFloat32 ? w : w.to(at::kFloat))
-                   : (void)at::mm_out(d_hidden_part, g.t(), kFloat32 ? w : w.to(at::kFloat));
+      part_written ? (void)d_hidden_part.addmm_(g.t(), w32) : (void)at::mm_out(d_hidden_part, g.t(), w32);
       part_written = true;
     }
-    if (!part_written) return;
-    const float* part = d_hidden_part.data_ptr<float>();
-    float* out = d_hidden.data_ptr<float>();
-    const int64_t size = r * hidden_size;
-    std::lock_guard<std::mutex> lock(merge);
-    if (d_hidden_written) {
-#pragma omp simd
-      for (int64_t i = 0; i < size; ++i) out[i] += part[i];
-    } else {
-      std::copy(part, part + size, out);
-      d_hidden_written = true;
-    }
+    if (part_written) d_hidden_parts[at::get_thread_num()] = d_hidden_part;
   });
-  if (!d_hidden_written) std::fill(d_hidden.data_ptr<float>(), d_hidden.data_ptr<float>() + d_hidden.numel(), 0.0f);
+  sum_in_order(d_hidden_parts, d_hidden.data_ptr<float>(), d_hidden.numel());
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -224,9 +288,14 @@ void check(bool ok, const char* name, const char* expected) {
   TORCH_CHECK(ok, "gvpo: ", name, " must be ", expected);
 }
 
+at::ScalarType logits_dtype(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 Chunk check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& target, double inv_temperature, int64_t block_rows) {
-  check(hidden.device().is_cpu() && hidden.dim() == 2 && hidden.is_contiguous(), "hidden", "a contiguous (r, H) CPU tensor");
+  check(hidden.device().is_cpu() && hidden.dim() == 2 && hidden.is_contiguous(), "hidden",
+        "a contiguous (r, H) CPU tensor");
   check(weight.dim() == 2 && weight.size(1) == hidden.size(1) && weight.stride(1) == 1 &&
             weight.scalar_type() == hidden.scalar_type() && weight.device().is_cpu(),
         "weight", "(V, H) with a contiguous last dimension, on the CPU, in the dtype of hidden");
@@ -242,7 +311,10 @@ Chunk check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std:
   }
   TORCH_CHECK(inv_temperature > 0.0, "gvpo: inv_temperature must be > 0, got ", inv_temperature);
   TORCH_CHECK(block_rows > 0, "gvpo: block_rows must be > 0, got ", block_rows);
-  return Chunk{hidden, weight, bias, t, static_cast<float>(inv_temperature), block_rows};
+  const at::ScalarType logits = logits_dtype(hidden);
+  std::optional<at::Tensor> bias_logits;
+  if (bias.has_value()) bias_logits = bias->to(logits);
+  return Chunk{hidden.to(logits), weight, bias_logits, t, static_cast<float>(inv_temperature), block_rows};
 }
 
 void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
@@ -252,20 +324,20 @@ void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
 
 void check_logits_t(const std::optional<at::Tensor>& logits_t, const at::Tensor& hidden, int64_t vocab) {
   if (logits_t.has_value()) {
-    TORCH_CHECK(logits_t->is_contiguous() && logits_t->scalar_type() == hidden.scalar_type() &&
+    TORCH_CHECK(logits_t->is_contiguous() && logits_t->scalar_type() == logits_dtype(hidden) &&
                     logits_t->sizes() == at::IntArrayRef({vocab, hidden.size(0)}),
-                "gvpo: logits_t must be a contiguous (V, r) tensor in the dtype of hidden");
+                "gvpo: logits_t must be a contiguous (V, r) tensor, float64 for float64 hidden, else float32");
   }
 }
 
 void linear_lse(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const at::Tensor& target, double inv_temperature, int64_t block_rows, const at::Tensor& token_logprob,
                 const at::Tensor& lse, const std::optional<at::Tensor>& logits_t) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Chunk c = check_chunk(hidden, weight, bias, target, inv_temperature, block_rows);
   check_float(token_logprob, "token_logprob", {hidden.size(0)});
   check_float(lse, "lse", {hidden.size(0)});
   check_logits_t(logits_t, hidden, weight.size(0));
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gvpo_linear_lse", [&] {
     linear_lse_kernel<scalar_t>(c, token_logprob, lse, logits_t);
   });
@@ -276,6 +348,7 @@ void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::
                  int64_t block_rows, const std::optional<at::Tensor>& logits_t, const at::Tensor& d_hidden,
                  const std::optional<at::Tensor>& d_weight, const std::optional<at::Tensor>& d_bias,
                  bool accumulate) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Chunk c = check_chunk(hidden, weight, bias, target, inv_temperature, block_rows);
   check_float(lse, "lse", {hidden.size(0)});
   check_float(coef, "coef", {hidden.size(0)});
@@ -283,7 +356,6 @@ void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::
   check_float(d_hidden, "d_hidden", hidden.sizes());
   if (d_weight.has_value()) check_float(*d_weight, "d_weight", weight.sizes());
   if (d_bias.has_value()) check_float(*d_bias, "d_bias", {weight.size(0)});
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gvpo_linear_grad", [&] {
     linear_grad_kernel<scalar_t>(c, lse, coef, logits_t, d_hidden, d_weight, d_bias, accumulate);
   });

@@ -8,8 +8,9 @@
 //
 // Rows whose target is negative are not scored: they are never read, their outputs are 0 (token_logprob, lse,
 // and the whole gradient row). A target >= V is scored but lies in another rank's slice of the vocabulary: its
-// logit counts as 0 (token_logprob = -lse) and it gets no one-hot. A gradient row whose coef is 0 is 0 as well. coef holds grad_loss * dL/ds of the
-// row's sequence / T; computing it is the caller's business (gvpo_kernels/cpu.py): kernels know no sequences.
+// logit counts as 0 (token_logprob = -lse) and it gets no one-hot. A gradient row whose coef is 0 is 0 as well.
+// coef holds grad_loss * dL/ds of the row's sequence / T; computing it is the caller's business
+// (gvpo_kernels/cpu.py): kernels know no sequences. -inf logits: see gvpo_math.h (as torch.log_softmax does).
 //
 // Shapes and dtypes: rows (B', T', V) float32, bfloat16, float16 or float64 with a contiguous last dimension
 // (other strides free, so logits[:, :-1] is read in place); target (N,) int64; coef, lse, token_logprob (N,)
@@ -99,8 +100,8 @@ void token_forward_kernel(const at::Tensor& rows, const at::Tensor& target, doub
         continue;
       }
       const float* x = load_row(x_rows[n], vocab, scratch.data());
-      const float m = row_max(x, vocab) * s;
-      const float l = m + std::log(row_sum_exp(x, vocab, s, m));
+      const float shift = lse_shift(row_max(x, vocab) * s);
+      const float l = shift + std::log(row_sum_exp(x, vocab, s, shift));  // -inf for a row of -inf
       lse_out[n] = l;
       logprob_out[n] = (t < vocab ? x[t] * s : 0.0f) - l;
     }

@@ -2,10 +2,13 @@
 
 Build: on first use (the first CPU call with backend "auto" or "cpu"), torch.utils.cpp_extension compiles
 csrc/rows.cpp and csrc/linear.cpp with ``-O3 -march=native -fopenmp`` (about 8 s on two cores, once) into
-``~/.cache/gvpo_kernels/cpu-<key>`` (``$GVPO_KERNELS_CACHE`` replaces ``~/.cache/gvpo_kernels``), <key> hashing the
-sources, the flags, the torch and Python versions and this CPU's model: every later process on the machine loads
-that build in ~0.1 s, and a build is never reused where it could not run. Without a C++ compiler or ninja,
-:func:`unavailable_reason` says so, and backend="auto" runs the torch backend instead (ops.select_backend).
+``~/.cache/gvpo_kernels/cpu-<key>`` (``$GVPO_KERNELS_CACHE`` replaces ``~/.cache/gvpo_kernels``), saying so on
+stderr ("gvpo_kernels: compiling the C++ kernels ..."). <key> hashes what the build depends on (the sources, the
+flags, torch's version and install path, Python's version and headers, the compiler's path and version, this
+CPU): every later process of the same environment loads that build directly in ~0.1 s, another environment (a
+second venv) gets its own build beside it, and a build is never reused where it could not run. Without a C++
+compiler or ninja, :func:`unavailable_reason` says so, and backend="auto" runs the torch backend instead
+(ops.select_backend).
 
 The kernels (``torch.ops.gvpo.*``): token_forward and token_backward (csrc/rows.cpp), one vectorised float32 pass
 per row of logits, rows in parallel; linear_lse and linear_grad (csrc/linear.cpp), the linear path on a chunk of
@@ -32,7 +35,9 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -51,8 +56,9 @@ CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc" / "rows.cpp").is_file() else _PAC
 SOURCES = ["rows.cpp", "linear.cpp"]
 HEADERS = ["gvpo_math.h"]
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fopenmp-simd", "-fno-math-errno",
-          "-fno-trapping-math"]
+          "-fno-trapping-math", "-ffp-contract=off"]  # no fused x * s - lse: csrc/gvpo_math.h says why
 LDFLAGS = ["-fopenmp"]
+COMPILING = "gvpo_kernels: compiling the C++ kernels (once, ~10 s) into {}"
 
 group_stage = torch_impl.group_stage
 
@@ -81,17 +87,23 @@ def _kernels():
 
 
 def _build_and_load():
-    """Compile (or find in the cache) and load the extension; None on success, else why it failed."""
+    """Load the extension from its build directory, compiling it there first if it is not built yet; None on
+    success, else why it failed."""
     problem = _toolchain_problem()
     if problem is not None:
         return f"the C++ CPU kernels (csrc/) cannot be built: {problem}"
+    build_dir = _build_dir(_build_facts())
+    library = build_dir / "gvpo_cpu.so"
+    if library.is_file():
+        try:  # built before in this very environment: no ninja, no compiler
+            torch.ops.load_library(str(library))
+            return None
+        except (OSError, RuntimeError):  # still being written by another process: its build lock says when done
+            pass
     from torch.utils import cpp_extension
 
-    build_dir = _build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / "gvpo_cpu.so").exists():
-        print(f"gvpo_kernels: compiling the C++ CPU kernels (csrc/, once per machine, ~10 s) into {build_dir}",
-              file=sys.stderr, flush=True)
+    print(COMPILING.format(build_dir), file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name="gvpo_cpu", sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
                            extra_ldflags=LDFLAGS, build_directory=str(build_dir), is_python_module=False)
@@ -118,15 +130,29 @@ def _toolchain_problem():
     return None
 
 
-def _build_dir() -> Path:
-    """~/.cache/gvpo_kernels/cpu-<hash of the sources, flags, versions and this CPU>."""
+def _build_facts() -> dict:
+    """Everything a build depends on, as strings: the sources, the flags, torch (version and where it is
+    installed: its headers and libraries), Python (version and headers), the compiler (path and version) and
+    the CPU (what -march=native compiles for). Two environments differing in any of them get two builds."""
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or ""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    sources = hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in SOURCES + HEADERS)).hexdigest()
+    return dict(sources=sources, flags=repr((CFLAGS, LDFLAGS)),
+                torch=f"{torch.__version__} {Path(torch.__file__).parent}",
+                python=f"{sys.version} {sysconfig.get_paths()['include']}",
+                compiler=f"{compiler} {version.splitlines()[0] if version else ''}",
+                cpu=f"{platform.machine()} {_cpu_model()}")
+
+
+def _build_dir(facts: dict) -> Path:
+    """~/.cache/gvpo_kernels/cpu-<hash of the build facts> ($GVPO_KERNELS_CACHE replaces ~/.cache/gvpo_kernels):
+    one directory per environment, side by side, so that alternating environments never rebuilds."""
     root = os.environ.get("GVPO_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gvpo_kernels")
-    key = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        key.update((CSRC / name).read_bytes())
-    for part in (CFLAGS, LDFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_model()):
-        key.update(repr(part).encode())
-    return Path(root) / f"cpu-{key.hexdigest()[:16]}"
+    key = hashlib.sha256(repr(sorted(facts.items())).encode()).hexdigest()[:16]
+    return Path(root) / f"cpu-{key}"
 
 
 def _cpu_model() -> str:
@@ -261,10 +287,14 @@ class _LinearWork:
         self.d_bias = torch.empty(vocab, **f32) if needs[2] and bias is not None else None
         self.first_chunk = True
 
+    def logits_dtype(self):
+        """The dtype of the kernels' logits: float64 for float64 inputs, else float32 (csrc/linear.cpp)."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
     def chunk_rows(self, keep: bool) -> int:
         vocab, hidden_size = self.weight.shape
         if keep:  # the chunk's logits are kept whole
-            return max(1, CHUNK_BYTES // (self.weight.element_size() * vocab))
+            return max(1, CHUNK_BYTES // (self.logits_dtype().itemsize * vocab))
         return max(64, CHUNK_HIDDEN_BYTES // (4 * hidden_size))  # bounded by the per-thread d_hidden accumulators
 
     def chunks(self, keep: bool):
@@ -296,7 +326,7 @@ class _LinearWork:
         """A (V, num_rows) view of one buffer reused by every chunk (allocated for the largest)."""
         vocab = self.weight.shape[0]
         if self._buffer is None or self._buffer.numel() < vocab * num_rows:
-            self._buffer = torch.empty(vocab * num_rows, dtype=self.weight.dtype, device=self.weight.device)
+            self._buffer = torch.empty(vocab * num_rows, dtype=self.logits_dtype(), device=self.weight.device)
         return self._buffer[: vocab * num_rows].view(vocab, num_rows)
 
     def coef(self, lay: Layout, grad_seq_logprob):

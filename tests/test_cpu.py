@@ -6,6 +6,8 @@ The logits path runs the same grid as the other backends (tests/test_gvpo_loss.p
 case: one chunk for all rows, chunks of whole groups, and chunks of 7 rows (which cut sequences and groups).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from cases import Case, check_against_oracle, make_inputs, run, run_linear
@@ -210,12 +212,45 @@ def test_missing_compiler_is_reported_before_building(monkeypatch, tmp_path):
     assert "no C++ compiler" in reason and "csrc" in reason
 
 
-def test_build_directory_is_keyed_by_sources_and_machine(monkeypatch, tmp_path):
+def test_build_directory_is_one_per_environment(monkeypatch, tmp_path):
+    """One build directory per distinct sources / flags / torch / Python / compiler / CPU, side by side: the same
+    environment always finds its own, another one (a second venv, even with the same torch version) its own."""
     monkeypatch.setenv("GVPO_KERNELS_CACHE", str(tmp_path))
-    first = cpu._build_dir()
+    facts = cpu._build_facts()
+    first = cpu._build_dir(facts)
     assert first.parent == tmp_path and first.name.startswith("cpu-")
+    assert cpu._build_dir(cpu._build_facts()) == first
+    others = [dict(facts, torch=f"{torch.__version__} /elsewhere/.venv-verl/lib/python3.11/site-packages/torch"),
+              dict(facts, torch=f"2.99.0 {facts['torch'].split(' ', 1)[1]}"),
+              dict(facts, python="3.12.1 /usr/include/python3.12"),
+              dict(facts, compiler="/usr/bin/clang++ clang version 18.1.0")]
+    dirs = {cpu._build_dir(other) for other in others}
+    assert len(dirs) == len(others) and first not in dirs
     monkeypatch.setattr(cpu, "CFLAGS", cpu.CFLAGS + ["-DGVPO_TEST"])
-    assert cpu._build_dir() != first
+    assert cpu._build_dir(cpu._build_facts()) != first
+
+
+def test_compiling_says_so_once_then_loads_the_build(monkeypatch, tmp_path, capsys):
+    """The first use in an environment compiles (one line on stderr naming the directory); later ones load that
+    build without compiling (the compile step and the loader are stand-ins here)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("GVPO_KERNELS_CACHE", str(tmp_path))
+    compiled, loaded = [], []
+
+    def fake_compile(name, build_directory, **kwargs):
+        compiled.append(build_directory)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_compile)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    assert cpu._build_and_load() is None
+    build_dir = cpu._build_dir(cpu._build_facts())
+    assert compiled == [str(build_dir)] and loaded == []
+    assert capsys.readouterr().err == (f"gvpo_kernels: compiling the C++ kernels (once, ~10 s) into {build_dir}\n")
+    assert cpu._build_and_load() is None
+    assert compiled == [str(build_dir)] and loaded == [str(build_dir / "gvpo_cpu.so")]
+    assert capsys.readouterr().err == ""
 
 
 def test_targets_past_the_vocabulary_are_another_slice():
