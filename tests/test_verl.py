@@ -3,77 +3,33 @@
 verl pins transformers < 5.11, so these tests run in their own environment: ``bash scripts/test-verl.sh``.
 Log-probs come from logits made here, so the reference (``gvpo_kernels.reference.gvpo_loss`` on those logits) and
 the gradient with respect to the logits are exact oracles. Rewards reach the loss the way verl hands them over:
-token-level scores -> verl's GRPO outcome advantage with ``norm_adv_by_std_in_grpo=False``.
+token-level scores -> verl's GRPO outcome advantage with ``norm_adv_by_std_in_grpo=False``. The multi-process
+tests run tests/verl_worker.py in 2 and 4 gloo processes.
 """
 
 import math
+import multiprocessing
 import sys
 import types
 import warnings
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 verl = pytest.importorskip("verl", reason="verl is not installed here; run `bash scripts/test-verl.sh`, which "
                                           "creates .venv-verl with verl 0.9.1")
 
 from verl import DataProto  # noqa: E402
-from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn  # noqa: E402
-from verl.utils import tensordict_utils as tu  # noqa: E402
-from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
+from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.workers.utils import losses as verl_losses  # noqa: E402
-from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
+import verl_worker  # noqa: E402
 from gvpo_kernels import reference  # noqa: E402
 from gvpo_kernels.integrations import verl as plugin  # noqa: E402
-
-BETA = 0.1
-TEMPERATURE = 0.8
-K = 3  # rollout.n
-VOCAB = 11
-
-
-def rel_err(got, want):
-    got, want = got.detach().double(), want.detach().double()
-    scale = want.norm().item()
-    return (got - want).norm().item() / scale if scale > 0 else (got - want).norm().item()
-
-
-def make_actor_config(**overrides):
-    options = dict(strategy="fsdp", rollout_n=K, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=K,
-                   use_kl_loss=False, policy_loss=PolicyLossConfig(loss_mode="gvpo", ppo_kl_coef=BETA))
-    options.update(overrides)
-    return FSDPActorConfig(**options)
-
-
-def make_rollouts(uids, response_len=5, seed=0, dtype=torch.float32):
-    """Logits (S, T, V) as a leaf, labels, a right-padded response mask (one response fully masked, as a truncated
-    one can be), raw rewards (S,), verl's token-level scores (reward at the last response token) and an anchor."""
-    g = torch.Generator().manual_seed(seed)
-    num = len(uids)
-    logits = (torch.randn(num, response_len, VOCAB, generator=g) * 2).to(dtype).requires_grad_()
-    labels = torch.randint(0, VOCAB, (num, response_len), generator=g)
-    lengths = torch.randint(1, response_len + 1, (num,), generator=g)
-    lengths[1] = response_len
-    mask = torch.arange(response_len)[None, :] < lengths[:, None]
-    rewards = torch.randint(0, 5, (num,), generator=g).to(dtype)
-    scores = torch.zeros(num, response_len, dtype=dtype)
-    scores[torch.arange(num), lengths - 1] = rewards
-    anchor = (-torch.rand(num, response_len, generator=g) * 4).to(dtype).masked_fill(~mask, 0.0)
-    return logits, labels, mask, rewards, scores, anchor
-
-
-def token_logprobs(logits, labels):
-    return torch.log_softmax(logits / TEMPERATURE, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
-
-
-def verl_advantages(scores, mask, uids, norm_by_std=False):
-    grpo = get_adv_estimator_fn("grpo")
-    advantages, _ = grpo(token_level_rewards=scores, response_mask=mask.float(), index=np.array(uids, dtype=object),
-                         norm_adv_by_std_in_grpo=norm_by_std)
-    return advantages
+from verl_worker import (BETA, K, TEMPERATURE, make_actor_config, make_rollouts, micro_batch_losses,  # noqa: E402
+                         reference_loss_and_grad, rel_err, token_logprobs, verl_advantages)
 
 
 def gvpo_via_verl(logits, labels, mask, advantages, anchor, uids, config):
@@ -142,50 +98,41 @@ def test_global_batch_normalisation():
     torch.testing.assert_close(loss, total * K * 4 / 36, rtol=1e-5, atol=1e-7)
 
 
-def test_through_verl_ppo_loss_hook_with_micro_batches():
+def test_through_verl_ppo_loss_hook_with_micro_batches(monkeypatch):
     """The actor path: DataProto with uids -> TensorDict -> micro-batches -> verl's ppo_loss (hooked) -> gvpo. The
-    sum over micro-batches of whole groups is the mean over groups of L_G for the whole mini-batch."""
+    sum over micro-batches of whole groups is the mean over groups of L_G for the whole mini-batch; with
+    GVPO_LOSS_SCALE=recipe it is the official recipe's objective, which sums L_G per micro-batch and divides by
+    the number of micro-batches (gradient accumulation): (micro / n) x that mean."""
     uids = ["a", "a", "b", "b", "b", "a", "c", "c", "d", "d", "d", "c"]  # whole groups per micro-batch of 6
-    num, prompt_len, response_len = len(uids), 3, 4
-    logits, labels, mask, rewards, scores, anchor = make_rollouts(uids, response_len=response_len, seed=5)
-    prompt_lens = torch.tensor([3, 2, 1, 3, 3, 2, 1, 2, 3, 3, 1, 2])
-    prompt_mask = torch.arange(prompt_len)[None, :] >= (prompt_len - prompt_lens)[:, None]  # left padding
-    attention = torch.cat([prompt_mask, mask], dim=1).long()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    prompts = torch.randint(0, VOCAB, (num, prompt_len))
-    data = DataProto.from_dict(
-        tensors=dict(input_ids=torch.cat([prompts, labels], 1), attention_mask=attention, position_ids=positions,
-                     prompts=prompts, responses=labels, response_mask=mask.long(), old_log_probs=anchor,
-                     advantages=verl_advantages(scores, mask, uids)),
-        non_tensors=dict(uid=np.array(uids, dtype=object)))
-    batch = left_right_2_no_padding(data.to_tensordict())
-    tu.assign_non_tensor(batch, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=num)
-
-    # verl's actor hands the loss the model's log-probs in no-padding layout: one row per real token, where the
-    # row before each response token holds that token's log-prob.
-    per_token = token_logprobs(logits, labels)
-
-    def model_output_for(rows):
-        pieces = []
-        for i in rows:
-            pieces += [per_token.new_zeros(int(prompt_lens[i]) - 1), per_token[i, mask[i]], per_token.new_zeros(1)]
-        return {"log_probs": torch.cat(pieces)}
-
+    logits, labels, mask, rewards, scores, anchor = make_rollouts(uids, response_len=4, seed=5)
+    advantages = verl_advantages(scores, mask, uids)
     config = make_actor_config(ppo_micro_batch_size_per_gpu=6)
-    loss_fn = partial(verl_losses.ppo_loss, config=config)  # what verl's actor builds in init_model
-    total = 0.0
-    for index, micro in enumerate(tu.chunk_tensordict(batch, 2)):
-        rows = range(index * 6, index * 6 + 6)
-        loss, metrics = loss_fn(model_output=model_output_for(rows), data=micro, dp_group=None)
-        total = total + loss
+    args = (uids, logits, labels, mask, advantages, anchor, range(12), 6, config, 1, None)
+    total, metrics = micro_batch_losses(*args)
     (grad,) = torch.autograd.grad(total, logits)
-
-    leaf = logits.detach().double().requires_grad_()
-    want = reference.gvpo_loss(leaf, labels, rewards.double(), group_ids=plugin.uids_to_group_ids(uids), mask=mask,
-                               ref_logprobs=anchor.double(), beta=BETA, temperature=TEMPERATURE, reduction="mean")
-    (want_grad,) = torch.autograd.grad(want, leaf)
+    want, want_grad = reference_loss_and_grad(logits, labels, mask, rewards, anchor, uids)
     assert rel_err(total, want) < 1e-5 and rel_err(grad, want_grad) < 1e-5
     assert "actor/pg_loss" in metrics and "actor/gvpo_implicit_reward" in metrics
+
+    # the recipe's objective, written out: per micro-batch sum_i (d_i^2 / 2) / (n - 1), divided by the 2 micro-batches
+    leaf = logits.detach().double().requires_grad_()
+    recipe = 0.0
+    for rows in (slice(0, 6), slice(6, 12)):
+        recipe = recipe + reference.gvpo_loss(leaf[rows], labels[rows], rewards[rows].double(),
+                                              group_ids=plugin.uids_to_group_ids(uids[rows]), mask=mask[rows],
+                                              ref_logprobs=anchor[rows].double(), beta=BETA, temperature=TEMPERATURE,
+                                              reduction="sum") / 2
+    (recipe_grad,) = torch.autograd.grad(recipe, leaf)
+    monkeypatch.setenv(plugin.LOSS_SCALE_ENV, "recipe")
+    scaled, _ = micro_batch_losses(*args)
+    (scaled_grad,) = torch.autograd.grad(scaled, logits)
+    assert rel_err(scaled, recipe) < 1e-5 and rel_err(scaled_grad, recipe_grad) < 1e-5
+    assert math.isclose(scaled.item(), 6 / K * total.item(), rel_tol=1e-5)
+    monkeypatch.setenv(plugin.LOSS_SCALE_ENV, "0.5")
+    assert math.isclose(micro_batch_losses(*args)[0].item(), 0.5 * total.item(), rel_tol=1e-5)
+    monkeypatch.setenv(plugin.LOSS_SCALE_ENV, "-1")
+    with pytest.raises(ValueError, match="GVPO_LOSS_SCALE must be a number > 0 or 'recipe'"):
+        micro_batch_losses(*args)
 
 
 def test_hook_reaches_engine_workers_and_uid_errors(monkeypatch):
@@ -209,3 +156,99 @@ def test_hook_reaches_engine_workers_and_uid_errors(monkeypatch):
         plugin._WARNED.clear()
         fn(**args)
     assert any("Keep groups whole" in str(x.message) for x in w)
+
+
+def test_group_ids_are_a_stable_hash():
+    """The same int64 id for a uid in every process and run (Python's hash() of a str is salted per process): a
+    fixed value, the first 8 bytes of blake2b("q7")."""
+    ids = plugin.uids_to_group_ids(["q7", "q2", "q7"])
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] != ids[1]
+    assert int(ids[0]) == -1535682543295306014
+
+
+def test_group_balanced_order():
+    """Every micro-batch step (the m-th micro-batch of each rank) holds whole groups, each rank holds micro rows
+    of each step, and the ranks' workloads are closer than in verl's order; bad sizes are refused."""
+    dp, micro, n = 4, 3, 4
+    uids = [f"p{p}" for p in range(12) for _ in range(n)]  # 48 rows: 4 steps of 12
+    gen = torch.Generator().manual_seed(0)
+    work = torch.randint(1, 100, (len(uids),), generator=gen).tolist()
+    ranks = plugin.group_balanced_order(uids, work, dp, micro)
+    assert sorted(r for rows in ranks for r in rows) == list(range(len(uids)))
+    assert all(len(rows) == len(uids) // dp for rows in ranks)
+    for step in range(len(uids) // (dp * micro)):
+        held = [uids[r] for rows in ranks for r in rows[step * micro:(step + 1) * micro]]
+        assert all(held.count(u) == n for u in held)
+
+    def spread(parts):
+        totals = [sum(work[r] for r in rows) for rows in parts]
+        return max(totals) - min(totals)
+
+    verl_order = [list(range(r * 12, (r + 1) * 12)) for r in range(dp)]
+    assert spread(ranks) < spread(verl_order)
+    with pytest.raises(ValueError, match="multiple of rollout.n"):
+        plugin.group_balanced_order(uids, work, 2, 3)  # 6 rows per step, groups of 4
+    with pytest.raises(ValueError, match="groups of one size"):
+        plugin.group_balanced_order(uids[:-1], work[:-1], dp, micro)
+
+
+def test_balance_hook_only_for_gvpo(monkeypatch):
+    """The patched _balance_batch runs the group-keeping balancing for loss_mode=gvpo, verl's own otherwise."""
+    from omegaconf import OmegaConf
+
+    calls = []
+
+    class Trainer:  # the parts of RayPPOTrainer that _balance_batch uses
+        actor_rollout_wg = None
+
+        def __init__(self, loss_mode):
+            self.config = OmegaConf.create({"actor_rollout_ref": {"actor": {
+                "policy_loss": {"loss_mode": loss_mode}, "ppo_micro_batch_size_per_gpu": 2, "shuffle": False,
+                "use_dynamic_bsz": False}}})
+
+        def _get_dp_size(self, worker_group, role):
+            return 2
+
+        def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+            calls.append(logging_prefix)
+
+    plugin.patch_balance_batch(Trainer)
+    plugin.patch_balance_batch(Trainer)  # idempotent
+    uids = ["a"] * 4 + ["b"] * 4
+    lengths = torch.tensor([9, 1, 1, 1, 9, 1, 1, 1])
+    attention = (torch.arange(10)[None, :] < lengths[:, None]).long()
+    batch = DataProto.from_dict(tensors={"attention_mask": attention, "row": torch.arange(8)},
+                                non_tensors={"uid": np.array(uids, dtype=object)})
+    metrics = {}
+    Trainer("vanilla")._balance_batch(batch, metrics)
+    assert calls == ["global_seqlen"] and batch.batch["row"].tolist() == list(range(8))
+    Trainer("gvpo")._balance_batch(batch, metrics)
+    rows = batch.batch["row"].tolist()
+    assert calls == ["global_seqlen"] and sorted(rows) != rows and sorted(rows) == list(range(8))
+    for step in (0, 1):  # rows step*2 .. +2 of each rank (4 rows per rank): whole groups
+        held = {uids[r] for r in rows[step * 2:step * 2 + 2] + rows[4 + step * 2:4 + step * 2 + 2]}
+        assert len(held) == 1
+    assert sum(lengths[rows[:4]]) == sum(lengths[rows[4:]])  # the two long rows on different ranks
+    assert any(key.startswith("global_seqlen") for key in metrics)
+
+    # the patch waits for verl's trainer module to be imported (a finder on sys.meta_path), as for any module
+    name = "verl.trainer.ppo.ray_trainer"
+    assert name in sys.modules or any(getattr(f, "name", None) == name for f in sys.meta_path)
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    finder = plugin._PatchOnImport("colorsys", lambda module: setattr(module, "gvpo_patched", True))
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    import colorsys
+
+    assert colorsys.gvpo_patched and colorsys.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"world{w}")
+def test_groups_split_over_ranks_equal_one_process(world, tmp_path):
+    """2 and 4 gloo processes: groups dealt over the ranks in uneven shares, and the plug-in's balancing, give the
+    single-process loss and gradient (FSDP's mean over ranks), also with GVPO_LOSS_SCALE=recipe; centring on each
+    rank alone (the old plug-in) does not."""
+    context = multiprocessing.get_context("forkserver")
+    # import verl once, in the server, not in every rank (Python 3.11's forkserver does not see tests/ on sys.path)
+    context.set_forkserver_preload(["verl", "gvpo_kernels.integrations.verl", "verl.workers.utils.losses"])
+    mp.start_processes(verl_worker.run_across_ranks, args=(world, str(tmp_path / "init")), nprocs=world,
+                       start_method="forkserver")
