@@ -175,3 +175,86 @@ def linear_gvpo_loss(
                                         ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
                                         reduction=reduction, ignore_index=ignore_index, backend=backend)
     return (loss, GVPOStats(*stats)) if return_stats else loss
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Per-token log-probs of the labels (and the entropy of each token's distribution), fused: the softmax is
+    never stored.
+
+    Args:
+        logits: (B, T, V) padded or (N, V) packed, float32 / bfloat16 / float16 (or float64); ``logits[t]`` scores
+            ``labels[t]`` (shifted by the caller).
+        labels: (B, T) or (N,) int64 (int32 accepted); positions equal to ``ignore_index`` are not scored.
+        temperature: the statistics are those of softmax(logits / temperature).
+        mask: like labels, bool or 0/1: which positions are scored. Default: all not ignored.
+        cu_seqlens: (S + 1,) offsets of packed sequences; required for (N, V) logits (checked, as in the losses).
+        return_entropy: also return each scored token's entropy, sum_v p_v (lse - z_v) with z = logits / T,
+            from the same pass (on the torch backend's chunked pass for now: "auto" takes it there).
+        backend: "auto", "triton", "cpu" or "torch", as in :func:`gvpo_loss`.
+
+    Returns:
+        ``logprob`` (labels' shape, float32, 0 where not scored), or ``(logprob, entropy)`` likewise. Both are
+        differentiable (an entropy bonus can go into the loss); the logits' gradient has their dtype.
+
+    Example::
+
+        with torch.no_grad():                         # the old policy's log-probs for the anchor
+            old_logprobs = gk.token_logprobs(logits, labels)
+        logprob, entropy = gk.token_logprobs(logits, labels, return_entropy=True)
+        (-(0.01 * entropy).sum()).backward()           # an entropy bonus
+    """
+    layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
+                         backend=backend)
+    layout.check_flag("return_entropy", return_entropy)
+    layout.check_logits(logits, labels)
+    logprob, entropy = ops.token_stats(logits, labels, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
+                                       ignore_index=ignore_index, backend=backend, entropy=return_entropy)
+    return (logprob, entropy) if return_entropy else logprob
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias`` without materialising the (N, V) logits.
+
+    Args:
+        hidden: (B, T, H) padded or (N, H) packed; weight: (V, H) as in nn.Linear, hidden's dtype; bias: (V,) or
+            None. The other arguments as in :func:`token_logprobs`.
+
+    Returns:
+        ``logprob`` or ``(logprob, entropy)``, labels' shape, float32, 0 where not scored. Gradients flow to hidden,
+        weight and bias (the backward recomputes the logits chunk by chunk; the weight gradient in float32).
+
+    Example::
+
+        hidden = model.model(input_ids).last_hidden_state[:, :-1]
+        ref_logprobs = gk.linear_token_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:])
+    """
+    layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
+                         backend=backend)
+    layout.check_flag("return_entropy", return_entropy)
+    layout.check_linear(hidden, weight, bias, labels)
+    logprob, entropy = ops.linear_token_stats(hidden, weight, bias, labels, mask=mask, cu_seqlens=cu_seqlens,
+                                              temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                              entropy=return_entropy)
+    return (logprob, entropy) if return_entropy else logprob

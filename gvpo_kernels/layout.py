@@ -286,27 +286,7 @@ def build(
     seq_group, group_order, group_ptr, max_group_size = _groups(group_size, group_ids, num_seqs, device)
 
     # tokens -----------------------------------------------------------------------------------------------------
-    flat_labels = labels.reshape(-1).long()
-    scored = flat_labels != ignore_index
-    if mask is not None:
-        _check_tensor("mask", mask)
-        if tuple(mask.shape) != tuple(labels.shape):
-            raise ValueError(f"mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}")
-        _check_device("mask", mask, device)
-        flat_mask = mask.reshape(-1)
-        if flat_mask.dtype == torch.bool:
-            mask_ok = torch.ones((), dtype=torch.bool, device=device)
-        else:
-            if flat_mask.is_complex():
-                raise TypeError("mask must be bool or hold 0/1 values, got a complex tensor")
-            mask_ok = ((flat_mask == 0) | (flat_mask == 1)).all()
-            flat_mask = flat_mask != 0
-        scored = scored & flat_mask
-    else:
-        mask_ok = torch.ones((), dtype=torch.bool, device=device)
-
-    labels_ok = ~(scored & ((flat_labels < 0) | (flat_labels >= vocab_size))).any()
-    target = torch.where(scored, flat_labels, torch.full_like(flat_labels, -1))
+    flat_labels, scored, target, mask_ok, labels_ok = _scored_targets(labels, mask, ignore_index, vocab_size)
 
     token_ref = None
     ref_ok = torch.ones((), dtype=torch.bool, device=device)
@@ -328,14 +308,7 @@ def build(
     mask_ok, labels_ok, ref_ok, rewards_ok = torch.stack(
         [mask_ok, labels_ok, ref_ok, torch.isfinite(rewards32).all()]
     ).tolist()
-    if not mask_ok:
-        raise ValueError("mask must be bool or hold only 0 and 1")
-    if not labels_ok:
-        bad = (scored & ((flat_labels < 0) | (flat_labels >= vocab_size))).nonzero()[0].item()
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}) at scored positions; flat position {bad} holds "
-            f"{flat_labels[bad].item()} (mark it with ignore_index={ignore_index} or mask=False to skip it)"
-        )
+    _raise_token_errors(mask_ok, labels_ok, flat_labels, scored, vocab_size, ignore_index)
     if not ref_ok:
         raise ValueError("ref_logprobs must be finite at every scored position")
     if not rewards_ok:
@@ -355,6 +328,57 @@ def build(
         scale=1.0 / max(num_groups, 1) if reduction == "mean" else 1.0,
     )
 
+
+
+def token_targets(labels, *, vocab_size: int, mask=None, cu_seqlens=None, ignore_index: int = -100) -> torch.Tensor:
+    """(N,) int64 target of each flat token (-1 where not scored), with the per-token checks of :func:`build`
+    (mask, labels in range at scored positions, cu_seqlens for packed input): what the token statistics need."""
+    num_tokens = labels.numel()
+    if labels.dim() == 1:
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens is required for packed (N, ...) input: pass the (S + 1,) sequence offsets")
+        _check_cu_seqlens(cu_seqlens, num_tokens, labels.device)
+    elif cu_seqlens is not None:
+        raise ValueError("cu_seqlens applies to packed (N, ...) input only; this input is padded (B, T, ...)")
+    flat_labels, scored, target, mask_ok, labels_ok = _scored_targets(labels, mask, ignore_index, vocab_size)
+    mask_ok, labels_ok = torch.stack([mask_ok, labels_ok]).tolist()
+    _raise_token_errors(mask_ok, labels_ok, flat_labels, scored, vocab_size, ignore_index)
+    return target
+
+
+def _scored_targets(labels, mask, ignore_index, vocab_size):
+    """-> flat labels, scored (N,) bool, target (N,) int64 (-1 where not scored), and the two value checks as
+    device booleans (mask holds 0/1, scored labels lie in [0, V)) for the caller's one sync."""
+    device = labels.device
+    flat_labels = labels.reshape(-1).long()
+    scored = flat_labels != ignore_index
+    mask_ok = torch.ones((), dtype=torch.bool, device=device)
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        _check_device("mask", mask, device)
+        flat_mask = mask.reshape(-1)
+        if flat_mask.dtype != torch.bool:
+            if flat_mask.is_complex():
+                raise TypeError("mask must be bool or hold 0/1 values, got a complex tensor")
+            mask_ok = ((flat_mask == 0) | (flat_mask == 1)).all()
+            flat_mask = flat_mask != 0
+        scored = scored & flat_mask
+    labels_ok = ~(scored & ((flat_labels < 0) | (flat_labels >= vocab_size))).any()
+    target = torch.where(scored, flat_labels, torch.full_like(flat_labels, -1))
+    return flat_labels, scored, target, mask_ok, labels_ok
+
+
+def _raise_token_errors(mask_ok, labels_ok, flat_labels, scored, vocab_size, ignore_index) -> None:
+    if not mask_ok:
+        raise ValueError("mask must be bool or hold only 0 and 1")
+    if not labels_ok:
+        bad = (scored & ((flat_labels < 0) | (flat_labels >= vocab_size))).nonzero()[0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) at scored positions; flat position {bad} holds "
+            f"{flat_labels[bad].item()} (mark it with ignore_index={ignore_index} or mask=False to skip it)"
+        )
 
 def _check_cu_seqlens(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     _check_tensor("cu_seqlens", cu_seqlens)

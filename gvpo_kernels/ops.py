@@ -448,6 +448,127 @@ linear_loss_op.register_autograd(_linear_op_backward, setup_context=_linear_setu
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# token statistics: per-token log-probs (and entropy), eager autograd
+
+
+def token_stats(logits, labels, *, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
+    """(token_logprob, token_entropy or None), each labels' shape, float32, 0 where not scored (see
+    functional.token_logprobs)."""
+    _check_kinds(logits.device, None, mask=mask, cu_seqlens=cu_seqlens)
+    return _TokenStats.apply(logits, labels, mask, cu_seqlens, float(temperature), int(ignore_index), backend,
+                             bool(entropy))
+
+
+def linear_token_stats(hidden, weight, bias, labels, *, mask, cu_seqlens, temperature, ignore_index, backend,
+                       entropy):
+    """The same from hidden states and the LM head, the logits never materialised (functional.linear_token_logprobs)."""
+    _check_kinds(hidden.device, None, mask=mask, cu_seqlens=cu_seqlens)
+    return _LinearTokenStats.apply(hidden, weight, bias, labels, mask, cu_seqlens, float(temperature),
+                                   int(ignore_index), backend, bool(entropy))
+
+
+def _stats_backend(name: str, device, entropy: bool, num_tokens: int):
+    """The backend for token statistics. Log-probs alone run on every backend's loss kernels (each token its own
+    "sequence"); entropy needs the torch backend's chunked pass until the kernels carry the extra running sum, so
+    "auto" takes it there and "triton" / "cpu" say so."""
+    impl = _backend_for(name, device, num_tokens, 1)
+    if entropy and impl is not torch_impl:
+        if name != "auto":
+            raise RuntimeError(f"backend={name!r} has no entropy kernel yet: token_logprobs(return_entropy=True) "
+                               "runs on backend='torch' (chunked, any device) or 'auto', which picks it")
+        return torch_impl
+    return impl
+
+
+def _per_token_layout(target) -> Layout:
+    """Each token its own sequence: the loss kernels' backward then scales token n's (onehot - softmax) by
+    entry n of the upstream gradient."""
+    return _token_layout(target, torch.arange(target.numel(), device=target.device))
+
+
+class _TokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
+        target = layout.token_targets(labels, vocab_size=logits.shape[-1], mask=mask, cu_seqlens=cu_seqlens,
+                                      ignore_index=ignore_index)
+        impl = _stats_backend(backend, logits.device, entropy, target.numel())
+        rows = layout.as_rows(logits)
+        with _own_precision(logits.device):
+            if entropy:
+                token_logprob, lse, token_entropy = impl.token_stats_forward(rows, target, temperature)
+            else:
+                (token_logprob, lse), token_entropy = impl.token_forward(rows, target, temperature), None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, target, lse, token_entropy)
+        ctx.impl, ctx.temperature = impl, temperature
+        token_logprob = token_logprob.view(labels.shape)
+        if token_entropy is None:
+            return token_logprob, None
+        return token_logprob, token_entropy.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy):
+        no_double_backward("token_logprobs")
+        logits, target, lse, token_entropy = ctx.saved_tensors
+        if grad_logprob is None and grad_entropy is None:
+            return (None,) * 8
+        rows = layout.as_rows(logits)
+        grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        with _own_precision(logits.device):
+            if token_entropy is not None:
+                ctx.impl.token_stats_backward(rows, target, lse, token_entropy, grad_logprob, grad_entropy,
+                                              ctx.temperature, out=grad)
+            else:
+                ones = torch.ones((), dtype=torch.float32, device=rows.device)
+                ctx.impl.token_backward(rows, _per_token_layout(target), lse, grad_logprob.reshape(-1).float(),
+                                        ones, ctx.temperature, out=grad)
+        return (grad.view(logits.shape),) + (None,) * 7
+
+
+class _LinearTokenStats(torch.autograd.Function):
+    """Saves hidden, weight, bias and O(N) floats; the backward recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
+        target = layout.token_targets(labels, vocab_size=weight.shape[0], mask=mask, cu_seqlens=cu_seqlens,
+                                      ignore_index=ignore_index)
+        impl = _stats_backend(backend, hidden.device, entropy, target.numel())
+        rows = layout.as_rows(hidden)
+        weight, bias = head_for_kernels(weight, bias)
+        with _own_precision(hidden.device):
+            if entropy:
+                token_logprob, lse, token_entropy = impl.linear_token_stats_forward(rows, weight, bias, target,
+                                                                                    temperature)
+            else:
+                (token_logprob, lse), token_entropy = impl.linear_forward(rows, weight, bias, target,
+                                                                          temperature), None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(rows, weight, bias, target, lse, token_entropy)
+        ctx.impl, ctx.temperature, ctx.hidden_shape = impl, temperature, hidden.shape
+        token_logprob = token_logprob.view(labels.shape)
+        if token_entropy is None:
+            return token_logprob, None
+        return token_logprob, token_entropy.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy):
+        no_double_backward("linear_token_logprobs")
+        rows, weight, bias, target, lse, token_entropy = ctx.saved_tensors
+        if grad_logprob is None and grad_entropy is None:
+            return (None,) * 10
+        with _own_precision(rows.device):
+            if token_entropy is not None:
+                grads = ctx.impl.linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy,
+                                                             grad_logprob, grad_entropy, ctx.temperature)
+            else:
+                ones = torch.ones((), dtype=torch.float32, device=rows.device)
+                grads = ctx.impl.linear_backward(rows, weight, bias, _per_token_layout(target), lse,
+                                                 grad_logprob.reshape(-1).float(), ones, ctx.temperature)
+        d_hidden, d_weight, d_bias = grads
+        return (d_hidden.reshape(ctx.hidden_shape), d_weight, d_bias) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # backends
 
 _warned = set()

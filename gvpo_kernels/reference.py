@@ -142,3 +142,40 @@ def linear_gvpo_loss(
     return gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
                      cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
                      reduction=reduction, ignore_index=ignore_index, backend=backend, return_stats=return_stats)
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, mask=None, cu_seqlens=None, ignore_index=-100,
+                   return_entropy=False, backend="auto"):
+    """Reference per-token log-probs (and entropy) from the full log-softmax; same signature and errors as
+    :func:`gvpo_kernels.token_logprobs`. float32 math and outputs (float64 for float64 logits)."""
+    layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
+                         backend=backend)
+    layout.check_flag("return_entropy", return_entropy)
+    vocab_size = layout.check_logits(logits, labels)
+    layout.token_targets(labels, vocab_size=vocab_size, mask=mask, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    scored = labels != ignore_index
+    if mask is not None:
+        scored = scored & mask.bool()
+    safe_labels = torch.where(scored, labels, torch.zeros_like(labels)).long()
+    token_logprob = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    token_logprob = torch.where(scored, token_logprob, torch.zeros_like(token_logprob))
+    if not return_entropy:
+        return token_logprob
+    probs = logprobs.exp()
+    # -inf logits: p = 0 adds 0 (masking the log-prob, not the product, keeps the gradient finite as well)
+    entropy = -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)
+    return token_logprob, torch.where(scored, entropy, torch.zeros_like(entropy))
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, mask=None, cu_seqlens=None,
+                          ignore_index=-100, return_entropy=False, backend="auto"):
+    """Reference :func:`gvpo_kernels.linear_token_logprobs`: materialise the logits, then :func:`token_logprobs`."""
+    layout.check_linear(hidden, weight, bias, labels)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return token_logprobs(logits, labels, temperature=temperature, mask=mask, cu_seqlens=cu_seqlens,
+                          ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)

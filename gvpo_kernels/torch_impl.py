@@ -190,3 +190,105 @@ def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad
         if d_bias is not None:
             d_bias += grad.sum(0)
     return d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token statistics with entropy (gvpo_kernels.token_logprobs(..., return_entropy=True))
+
+
+def _entropy(z: torch.Tensor, lse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """z (r, V) float32 logits / T -> (r,) entropy of softmax(z), sum_v p_v (lse - z_v); 0 where target < 0.
+    Columns of -inf (p = 0) add 0."""
+    d = lse.unsqueeze(1) - z
+    p = torch.exp(-d)
+    h = torch.where(p > 0, p * d, 0.0).sum(1)
+    return torch.where(target >= 0, h, torch.zeros_like(h))
+
+
+def _token_stats_grad_(z, lse, entropy, coef_logprob, coef_entropy, target):
+    """Turn z (r, V) float32 logits / T into d(sum c_lp * logprob + c_ent * entropy)/dz in place:
+    c_lp * (onehot - p) + c_ent * p * (lse - z - H) (the entropy's gradient is -p (log p + H)); rows not scored
+    (target < 0) become zeros. The 1/T of dz/dlogits is in the coefficients."""
+    d = lse.unsqueeze(1) - z
+    p = z.sub_(lse.unsqueeze(1)).exp_()  # in place: z becomes softmax(z)
+    ent_term = torch.where(p > 0, p * (d - entropy.unsqueeze(1)), 0.0) * coef_entropy.unsqueeze(1)
+    p.mul_(-coef_logprob.unsqueeze(1)).add_(ent_term)
+    vocab = p.shape[1]
+    p.scatter_add_(1, target.clamp(0, vocab - 1).unsqueeze(1), coef_logprob.unsqueeze(1))
+    return p.masked_fill_((target < 0).unsqueeze(1), 0.0)
+
+
+def _stat_coefs(target, grad_logprob, grad_entropy, temperature: float):
+    """(N,) float32 coefficients of each token's logprob and entropy gradients, / T, 0 where not scored."""
+    zero = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+    coefs = []
+    for g in (grad_logprob, grad_entropy):
+        c = zero if g is None else g.reshape(-1).float() / temperature
+        coefs.append(torch.where(target >= 0, c, zero))
+    return coefs
+
+
+def token_stats_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
+    """-> token_logprob, lse, entropy (N,) float32 of logits / T, in one pass over chunks of rows."""
+    vocab = rows.shape[-1]
+    outs = [empty(target.shape, dtype=torch.float32, device=rows.device) for _ in range(3)]
+    for start, index in _chunks(rows, vocab):
+        z = rows[index].reshape(-1, vocab).float()
+        if temperature != 1.0:
+            z = z / temperature
+        end = start + z.shape[0]
+        outs[0][start:end], outs[1][start:end] = _logprob(z, target[start:end])
+        outs[2][start:end] = _entropy(z, outs[1][start:end], target[start:end])
+    return tuple(outs)
+
+
+def token_stats_backward(rows, target, lse, entropy, grad_logprob, grad_entropy, temperature: float, out):
+    """out (B', T', V) = d(sum grad_logprob * logprob + grad_entropy * entropy) / dlogits, chunk by chunk."""
+    vocab = rows.shape[-1]
+    coef_lp, coef_ent = _stat_coefs(target, grad_logprob, grad_entropy, temperature)
+    for start, index in _chunks(rows, vocab):
+        x = rows[index]
+        z = x.reshape(-1, vocab).to(torch.float32, copy=True)
+        if temperature != 1.0:
+            z.div_(temperature)
+        end = start + z.shape[0]
+        grad = _token_stats_grad_(z, lse[start:end], entropy[start:end], coef_lp[start:end], coef_ent[start:end],
+                                  target[start:end])
+        out[index].copy_(grad.view(x.shape))
+
+
+def linear_token_stats_forward(rows, weight, bias, target: torch.Tensor, temperature: float):
+    """rows (B', T', H), weight (V, H) -> token_logprob, lse, entropy (N,) float32, one chunk of logits at a time."""
+    hidden_size, vocab = rows.shape[-1], weight.shape[0]
+    weight32, bias32 = _float32_head(weight, bias)
+    outs = [empty(target.shape, dtype=torch.float32, device=rows.device) for _ in range(3)]
+    for start, index in _chunks(rows, vocab):
+        z = _linear_logits(rows[index].reshape(-1, hidden_size), weight32, bias32, temperature)
+        end = start + z.shape[0]
+        outs[0][start:end], outs[1][start:end] = _logprob(z, target[start:end])
+        outs[2][start:end] = _entropy(z, outs[1][start:end], target[start:end])
+    return tuple(outs)
+
+
+def linear_token_stats_backward(rows, weight, bias, target, lse, entropy, grad_logprob, grad_entropy,
+                                temperature: float):
+    """d_hidden (B', T', H), d_weight (V, H), d_bias (V,) of sum grad_logprob * logprob + grad_entropy * entropy:
+    each chunk's logits recomputed, turned into their gradient in place, contracted in float32."""
+    hidden_size, vocab = rows.shape[-1], weight.shape[0]
+    weight32, bias32 = _float32_head(weight, bias)
+    coef_lp, coef_ent = _stat_coefs(target, grad_logprob, grad_entropy, temperature)
+    d_hidden = empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
+    for start, index in _chunks(rows, vocab):
+        x = rows[index]
+        h = x.reshape(-1, hidden_size).float()
+        end = start + h.shape[0]
+        z = _linear_logits(h, weight32, bias32, temperature)
+        grad = _token_stats_grad_(z, lse[start:end], entropy[start:end], coef_lp[start:end], coef_ent[start:end],
+                                  target[start:end])
+        d_hidden[index] = (grad @ weight32).view(x.shape)
+        d_weight.addmm_(grad.T, h)
+        if d_bias is not None:
+            d_bias += grad.sum(0)
+    return d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype)
