@@ -17,8 +17,8 @@ from gvpo_kernels.trainer.models import eos_ids, load_policy  # noqa: E402
 from gvpo_kernels.trainer.report import read_metrics  # noqa: E402
 from gvpo_kernels.trainer.rollout import sample  # noqa: E402
 
-FIELDS = ("step", "reward_mean", "reward_std", "loss", "implicit_reward", "grad_seq_abs", "completion_len",
-          "grad_norm", "lr", "tokens_per_s", "step_time", "peak_mem_mb")
+FIELDS = ("step", "reward_mean", "reward_std", "loss", "implicit_reward", "kl", "entropy", "grad_seq_abs",
+          "completion_len", "grad_norm", "lr", "tokens_per_s", "step_time", "peak_mem_mb")
 TIMING = ("tokens_per_s", "step_time", "peak_mem_mb")
 
 
@@ -40,6 +40,9 @@ def test_smoke_run_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path):
     for m in lines:
         assert set(FIELDS) <= set(m) and all(math.isfinite(m[f]) for f in FIELDS)
         assert 0 <= m["reward_mean"] <= 1 and 1 <= m["completion_len"] <= 3
+        # a fresh model samples its 18 tokens almost uniformly; the 'old' anchor is the policy itself on one pass
+        assert 2.0 < m["entropy"] <= math.log(18) and abs(m["kl"]) < 1e-5
+        assert m["kl"] == pytest.approx(m["implicit_reward"] / 0.1, rel=1e-6, abs=1e-12)
     assert (tmp_path / "metrics.png").stat().st_size > 0
     assert "samples after training" in (tmp_path / "samples.txt").read_text()
 
@@ -57,6 +60,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     final = {k: v.clone() for k, v in load_policy(str(tmp_path / "checkpoint-4"), torch.device("cpu"), seed=0,
                                                    attn_implementation=None)[0].state_dict().items()}
     shutil.rmtree(tmp_path / "checkpoint-4")  # as if the run had died after step 2's checkpoint
+    with pytest.raises(ValueError, match=r"holds an earlier run .*--resume .*--overwrite"):
+        train(small(tmp_path, steps=4, save_every=2))  # not resumed: refused, nothing touched
 
     resumed = train(small(tmp_path, steps=4, save_every=2, resume="latest"))
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -191,7 +196,8 @@ def test_rollout_masks_and_pads():
 def test_anchor_logprobs_match_each_sequence_run_alone_without_padding(monkeypatch):
     model, batch = fixed_rollout(temperature=0.7)
     monkeypatch.setattr(update, "ANCHOR_CHUNK_BYTES", 1)  # one sequence per chunk
-    batched = update.token_logprobs(model, batch, temperature=0.7)
+    batched, entropy = update.token_logprobs(model, batch, temperature=0.7, return_entropy=True)
+    assert torch.equal(update.token_logprobs(model, batch, temperature=0.7), batched)
     for i in range(batch.input_ids.shape[0]):
         ids = batch.input_ids[i][batch.attention_mask[i].bool()]  # prompt + scored completion, no padding
         n = int(batch.completion_mask[i].sum())
@@ -199,7 +205,8 @@ def test_anchor_logprobs_match_each_sequence_run_alone_without_padding(monkeypat
             logp = (model(ids[None]).logits[0, -n - 1:-1] / 0.7).log_softmax(-1)
         expected = logp.gather(-1, ids[-n:, None]).squeeze(-1)
         torch.testing.assert_close(batched[i, :n], expected, rtol=1e-5, atol=1e-5)
-        assert (batched[i, n:] == 0).all()
+        torch.testing.assert_close(entropy[i, :n], -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)
+        assert (batched[i, n:] == 0).all() and (entropy[i, n:] == 0).all()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -253,7 +260,7 @@ def test_micro_batches_and_accumulation_give_the_full_batch_gradient_without_bui
         model.lm_head.register_forward_hook(lambda *args: calls.append(1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        stats = update.update(model, optimizer, scheduler, batch, beta=0.1, temperature=1.0, backend="torch",
+        stats = update.update(update.Policy(model), optimizer, scheduler, batch, beta=0.1, temperature=1.0, backend="torch",
                               update_epochs=1, micro_batch_groups=micro_batch_groups, grad_accum=grad_accum,
                               max_grad_norm=0.0, autocast=torch.autocast("cpu", enabled=False))
         assert not calls, "the update called lm_head.forward: it built the full logits"
@@ -262,7 +269,7 @@ def test_micro_batches_and_accumulation_give_the_full_batch_gradient_without_bui
     whole, whole_grads = gradients(None, 1)
     split, split_grads = gradients(1, 3)  # three micro-batches of one group, one optimizer step
     assert whole["grad_norm"] > 0
-    for key in ("loss", "implicit_reward", "grad_seq_abs", "grad_norm"):
+    for key in ("loss", "implicit_reward", "kl", "grad_seq_abs", "grad_norm"):
         assert split[key] == pytest.approx(whole[key], rel=1e-5), key
     for a, b in zip(whole_grads, split_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
@@ -273,7 +280,85 @@ def test_cli_help_and_config_errors(capsys):
 
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "--anchor" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--anchor" in out and "--overwrite" in out and "--fsdp" in out
+    assert "(less memory, ~30% slower)" in out and "about 30 s" in out, "help text garbled or stale"
     with pytest.raises(SystemExit):
         main(["--k", "1"])
     assert "k must be >= 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------ checks before anything is loaded (one line, exit 2)
+
+
+def cli_error(capsys, monkeypatch, *argv) -> str:
+    """Run gvpo-train with ``argv``; assert it exits 2 without loading a model; return its one stderr line."""
+    from gvpo_kernels.trainer import loop
+    from gvpo_kernels.trainer.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(loop, "load_policy", no_model)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("gvpo-train: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("beta", ["0", "-0.1"])
+def test_cli_refuses_beta_that_is_not_positive(beta, capsys, monkeypatch):
+    assert "beta must be > 0" in cli_error(capsys, monkeypatch, "--beta", beta)
+
+
+def test_cli_refuses_bad_data_reward_and_backend_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    out = ["--output-dir", str(tmp_path / "out")]
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    assert "row 2 has no 'answer'" in cli_error(capsys, monkeypatch, *out, "--data", str(no_answer))
+    assert "no such file" in cli_error(capsys, monkeypatch, *out, "--data", str(tmp_path / "missing.jsonl"))
+    assert "cannot import file './nowhere.py'" in cli_error(capsys, monkeypatch, *out, "--reward", "./nowhere.py:f")
+    (tmp_path / "narrow.py").write_text("def f(prompts, completions):\n    return [0.0] * len(prompts)\n")
+    assert "cannot be called as f(prompts, completions, answer=...)" in cli_error(
+        capsys, monkeypatch, *out, "--reward", f"{tmp_path / 'narrow.py'}:f")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "'triton' cannot run" in cli_error(capsys, monkeypatch, *out, "--backend", "triton", "--device", "cpu")
+    assert not (tmp_path / "out").exists(), "a refused run wrote its output dir"
+
+
+def test_reward_from_a_file_path(tmp_path):
+    (tmp_path / "file_reward.py").write_text("def f(prompts, completions, **row):\n    return [1.0] * len(prompts)\n")
+    fn = rewards.load_reward(f"{tmp_path / 'file_reward.py'}:f")
+    assert rewards.score(fn, "f", ["p"], ["c"], [{"prompt": "p"}]).tolist() == [1.0]
+
+
+def test_a_pretrained_model_with_the_demo_task_defaults_is_warned_about(tmp_path):
+    from gvpo_kernels.trainer import checks, parallel
+
+    cfg = TrainConfig(model="some/model", output_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"built-in addition task .*--lr 1e-3, --max-new-tokens 3: the tiny demo"):
+        checks.prepare(cfg, parallel.World(), torch.device("cpu"))
+
+
+def test_output_dir_reuse_needs_resume_or_overwrite_and_resume_keeps_the_schedule(tmp_path):
+    from gvpo_kernels.trainer import checks
+
+    train(small(tmp_path, steps=3))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(checks.ConfigError, match=r"--steps 5 \(the checkpoint's run: 3\).*schedule would jump"):
+        train(small(tmp_path, steps=5, resume="latest"))
+    with pytest.raises(checks.ConfigError, match=r"--lr 0.1 \(the checkpoint's run: 0.01\)"):
+        train(small(tmp_path, steps=3, lr=0.1, resume="latest"))
+    with pytest.raises(checks.ConfigError, match=r"has done all 3 steps"):
+        train(small(tmp_path, steps=3, resume="latest"))
+    metrics = train(small(tmp_path, steps=2, overwrite=True))  # a new run: the old one's files are gone
+    assert [m["step"] for m in metrics] == [1, 2] and not (tmp_path / "checkpoint-3").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine", "--overwrite deleted a file the trainer did not write"
+
+
+def test_the_ref_anchor_logs_a_growing_kl_and_the_policy_entropy(tmp_path):
+    metrics = train(small(tmp_path, anchor="ref", steps=3))
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1: the policy is still the reference
+    assert abs(metrics[-1]["kl"]) > 1e-4 and all(2.0 < m["entropy"] <= math.log(18) for m in metrics)

@@ -1,8 +1,8 @@
 """TrainConfig: every setting of a GVPO run, its default and its help text (the CLI is generated from it).
 
 The defaults are the embedded demo: a tiny Llama-style model and a tokenizer built in code, the built-in
-"add" task, a few hundred steps that finish in minutes on two CPU cores. For a real model, set at least
-``model``, ``data``, ``lr``, ``max_new_tokens`` and ``prompts_per_step`` (see the trainer's README for a recipe).
+"add" task, 600 steps that finish in about 30 s on two CPU cores. For a real model, set at least ``model``,
+``data``, ``lr``, ``max_new_tokens`` and ``prompts_per_step`` (see the trainer's README for a recipe).
 """
 
 from __future__ import annotations
@@ -29,19 +29,21 @@ class TrainConfig:
                                      "(passed to the reward); default: the built-in task")
     reward: str = _opt("last_number", "reward: a built-in (exact_match, last_number, boxed) or 'module:function' "
                                       "taking (prompts, completions, **row) and returning one float per completion")
-    output_dir: str = _opt("out/gvpo-tiny", "where metrics.jsonl, the plot, samples and checkpoints go")
+    output_dir: str = _opt("out/gvpo-tiny", "where metrics.jsonl, the plot, samples and checkpoints go; a directory "
+                                            "holding an earlier run needs --resume or --overwrite")
     chat_template: bool = _opt(True, "wrap each prompt in the tokenizer's chat template when it has one")
 
     # rollout
     steps: int = _opt(600, "rollout steps (each: sample, score, update)")
-    prompts_per_step: int = _opt(16, "prompts sampled per step (groups per step)")
+    prompts_per_step: int = _opt(16, "prompts sampled per step (groups per step), over all ranks together; a "
+                                     "multiple of the number of processes")
     k: int = _opt(8, "completions sampled per prompt (the group size)")
     max_new_tokens: int = _opt(3, "longest completion, in tokens; sampling also stops at EOS")
     temperature: float = _opt(1.0, "sampling temperature; the loss uses the same one")
     top_p: float = _opt(1.0, "nucleus sampling threshold (1 = off)")
 
     # update
-    beta: float = _opt(0.1, "GVPO implicit-reward scale (the paper's recipe: 0.1)")
+    beta: float = _opt(0.1, "GVPO implicit-reward scale, the KL coefficient, > 0 (the paper's recipe: 0.1)")
     anchor: str = _opt("old", "anchor log-probs: 'old' = the policy before this step's update (the paper's recipe), "
                               "'ref' = a frozen copy of the initial model", choices=ANCHORS)
     update_epochs: int = _opt(1, "passes over each step's samples")
@@ -55,6 +57,9 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping threshold (0 = off)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward (less memory, ~30% slower)")
     backend: str = _opt("auto", "linear_gvpo_loss backend", choices=("auto", "triton", "cpu", "torch"))
+    fsdp: bool = _opt(False, "with several processes (torchrun), shard the model with FSDP2 (fully_shard per "
+                             "decoder layer) instead of DDP: for a model whose weights, gradients and AdamW state do "
+                             "not fit one device")
 
     # machine
     seed: int = _opt(0, "seed of the model's initialisation, the prompt order and the sampling")
@@ -70,6 +75,8 @@ class TrainConfig:
     save_every: int = _opt(0, "save a checkpoint every this many steps (0 = only at the end)")
     resume: Optional[str] = _opt(None, "continue from a checkpoint directory, or 'latest' for the newest "
                                        "checkpoint-* in output_dir")
+    overwrite: bool = _opt(False, "delete an earlier run's files in output_dir (metrics, samples, plot, "
+                                  "checkpoints) and start afresh")
     num_samples: int = _opt(6, "prompts whose completions are printed before and after training")
     progress: bool = _opt(True, "show a progress bar")
     plot: bool = _opt(True, "write metrics.png (reward and loss over steps) at the end")
@@ -84,6 +91,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 (a group of one has no gradient), got {self.k}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (GVPO's KL coefficient; a negative one trains away from the "
+                             f"reward, 0 gives no gradient), got {self.beta}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                             "overwrite deletes it")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

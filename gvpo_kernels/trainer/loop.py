@@ -1,5 +1,8 @@
 """train(config): the GVPO loop. Each step samples k completions for each of its prompts, scores them, records the
-anchor log-probs and updates the policy; metrics, samples, checkpoints and the plot go to ``output_dir``."""
+anchor log-probs and updates the policy; metrics, samples, checkpoints and the plot go to ``output_dir``.
+
+On several processes (torchrun) each rank does this for its share of the step's prompts, the gradients are
+averaged over ranks (parallel.py says why that is the mean over all groups), and rank 0 writes every file."""
 
 from __future__ import annotations
 
@@ -11,15 +14,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import checkpoint, report
+from . import checkpoint, checks, parallel, report
 from .config import TrainConfig
-from .data import encode_prompts, load_rows, step_rows
-from .models import autocast, eos_ids, load_policy, pick_device
-from .rewards import load_reward, score
-from .rollout import decode_completions, sample
-from .update import optimizer_steps_per_rollout, token_logprobs, update
+from .data import encode_prompts, step_rows
+from .models import autocast, eos_ids, load_policy
+from .rewards import score
+from .rollout import decode_completions
+from .update import Policy, optimizer_steps_per_rollout, update
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -31,38 +35,55 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 
 
 class Trainer:
-    """The state of one run: policy, optional frozen reference, data, reward, optimizer, schedule."""
+    """The state of one run on one rank: policy (wrapped for DDP / FSDP), optional frozen reference, data,
+    reward, optimizer, schedule."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg, self.device = cfg, pick_device(cfg.device)
+    def __init__(self, cfg: TrainConfig, world: parallel.World, device: torch.device, plan: checks.Plan):
+        self.cfg, self.world, self.device = cfg, world, device
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        resume_from = checkpoint.find(cfg.resume, cfg.output_dir) if cfg.resume else None
-        load = partial(load_policy, device=self.device, seed=cfg.seed, attn_implementation=cfg.attn_implementation)
-        self.model, self.tokenizer = load(str(resume_from) if resume_from else cfg.model)
+        self.rows, self.reward_fn = plan.rows, plan.reward_fn
+        torch.manual_seed(parallel.rank_seed(cfg.seed, world.rank))
+        random.seed(parallel.rank_seed(cfg.seed, world.rank))
+        load = partial(load_policy, device=device, seed=cfg.seed, attn_implementation=cfg.attn_implementation)
+        model, self.tokenizer = load(str(plan.resume_from) if plan.resume_from else cfg.model)
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.ref = load(cfg.model)[0].eval().requires_grad_(False) if cfg.anchor == "ref" else None
-        self.rows, self.reward_fn = load_rows(cfg.data), load_reward(cfg.reward)
-        self.stop_ids = eos_ids(self.model, self.tokenizer)
-        self.autocast = partial(autocast, self.device, cfg.bf16)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total = cfg.steps * optimizer_steps_per_rollout(cfg.prompts_per_step, cfg.micro_batch_groups,
-                                                        cfg.grad_accum, cfg.update_epochs)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            lr_factor, warmup=cfg.warmup_steps, total=total, min_ratio=cfg.min_lr_ratio))
-        self.start = checkpoint.restore(resume_from, self.optimizer, self.scheduler) if resume_from else 0
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.stop_ids = eos_ids(model, self.tokenizer)
+        self.policy_module = Policy(model)  # what the checkpoint saves and the optimizer steps
+        self.policy = parallel.wrap(self.policy_module, world, device, cfg.fsdp)  # what the update calls
+        self.ref = None
+        if cfg.anchor == "ref":
+            self.ref = Policy(load(cfg.model)[0].eval().requires_grad_(False))
+            if cfg.fsdp:
+                self.ref = parallel.wrap(self.ref, world, device, fsdp=True)
+        self.autocast = partial(autocast, device, cfg.bf16)
+        self.optimizer = torch.optim.AdamW(self.policy_module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr  # the schedule's base, as LambdaLR records it (and a checkpoint holds it)
+        self.start = 0
+        if plan.resume_from:
+            self.start = checkpoint.restore(plan.resume_from, self.policy_module, self.optimizer, world, cfg.seed)
+        # the schedule is a function of the share of the run done, so it continues where it was on any world size
+        per_rollout = optimizer_steps_per_rollout(cfg.prompts_per_step // world.size, cfg.micro_batch_groups,
+                                                  cfg.grad_accum, cfg.update_epochs)
+        schedule = partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.steps * per_rollout,
+                           min_ratio=cfg.min_lr_ratio)
+        offset = self.start * per_rollout
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: schedule(i + offset))
+
+    def my_rows(self, rows: list[dict]) -> list[dict]:
+        """This rank's share of a step's rows (whole prompts: each group stays on one rank)."""
+        share = len(rows) // self.world.size
+        return rows[self.world.rank * share:(self.world.rank + 1) * share]
 
     def rollout(self, rows: list[dict]):
         """Sample k completions per row and score them: (the rollout, its rewards set; the completion texts)."""
         cfg = self.cfg
         prompt_ids = encode_prompts(self.tokenizer, [r["prompt"] for r in rows], cfg.chat_template)
-        with self.autocast():
-            batch = sample(self.model, prompt_ids, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=self.stop_ids,
-                           pad_id=self.tokenizer.pad_token_id)
+        with torch.no_grad(), self.autocast():  # no_grad outside the wrapper: DDP then expects no backward
+            batch = self.policy("sample", prompt_ids, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=self.stop_ids,
+                                pad_id=self.tokenizer.pad_token_id, synced_gpus=cfg.fsdp)
         completions = decode_completions(self.tokenizer, batch)
         each = [row for row in rows for _ in range(cfg.k)]
         batch.rewards = score(self.reward_fn, cfg.reward, [r["prompt"] for r in each], completions, each)
@@ -70,82 +91,111 @@ class Trainer:
         return batch, completions
 
     def step(self, step: int) -> dict:
-        """One rollout step; its metrics line."""
+        """One rollout step; its metrics line (over every rank's samples)."""
         cfg, start = self.cfg, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        batch, _ = self.rollout(step_rows(self.rows, step, cfg.prompts_per_step, cfg.seed))
-        with self.autocast():
-            batch.anchor = token_logprobs(self.ref or self.model, batch, cfg.temperature)
-        stats = update(self.model, self.optimizer, self.scheduler, batch, beta=cfg.beta,
+        batch, _ = self.rollout(self.my_rows(step_rows(self.rows, step, cfg.prompts_per_step, cfg.seed)))
+        with torch.no_grad(), self.autocast():
+            if self.ref is None:
+                batch.anchor, entropy = self.policy("logprobs", batch, cfg.temperature, return_entropy=True)
+            else:  # the policy's entropy costs one more no-grad pass here
+                batch.anchor = self.ref("logprobs", batch, cfg.temperature)
+                entropy = self.policy("logprobs", batch, cfg.temperature, return_entropy=True)[1]
+        stats = update(self.policy, self.optimizer, self.scheduler, batch, beta=cfg.beta,
                        temperature=cfg.temperature, backend=cfg.backend, update_epochs=cfg.update_epochs,
                        micro_batch_groups=cfg.micro_batch_groups, grad_accum=cfg.grad_accum,
-                       max_grad_norm=cfg.max_grad_norm, autocast=self.autocast())
+                       max_grad_norm=cfg.max_grad_norm, autocast=self.autocast(), world=self.world)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        return {"step": step + 1, "reward_mean": batch.rewards.mean().item(),
-                "reward_std": batch.rewards.std(unbiased=False).item(), "loss": stats["loss"],
-                "implicit_reward": stats["implicit_reward"], "grad_seq_abs": stats["grad_seq_abs"],
-                "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-                "grad_norm": stats["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
-                "tokens_per_s": batch.attention_mask.sum().item() / seconds, "step_time": seconds,
-                "peak_mem_mb": report.peak_memory_mb(self.device)}
+        rewards = batch.rewards.double()
+        count, reward_sum, reward_sq, tokens, scored, entropy_sum = parallel.all_sum(
+            [rewards.numel(), rewards.sum().item(), (rewards**2).sum().item(), batch.attention_mask.sum().item(),
+             batch.completion_mask.sum().item(), entropy.sum().item()], self.world, self.device)
+        seconds = parallel.all_max(seconds, self.world, self.device)
+        mean = reward_sum / count
+        return {"step": step + 1, "reward_mean": mean, "reward_std": max(0.0, reward_sq / count - mean**2) ** 0.5,
+                "loss": stats["loss"], "implicit_reward": stats["implicit_reward"], "kl": stats["kl"],
+                "entropy": entropy_sum / scored, "grad_seq_abs": stats["grad_seq_abs"],
+                "completion_len": scored / count, "grad_norm": stats["grad_norm"],
+                "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds, "step_time": seconds,
+                "peak_mem_mb": parallel.all_max(report.peak_memory_mb(self.device), self.world, self.device)}
 
     def samples(self, title: str) -> None:
         """Print completions for ``num_samples`` prompts picked by the seed (own RNG stream: training is not
-        disturbed)."""
+        disturbed). Every rank samples them (a sharded model samples together); rank 0 prints and writes."""
         rows = random.Random(self.cfg.seed).sample(self.rows, min(self.cfg.num_samples, len(self.rows)))
         if not rows:
             return
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + 1)
             batch, completions = self.rollout(rows)
-        text = report.print_samples(title, [r["prompt"] for r in rows], completions, batch.rewards.tolist(),
-                                    self.cfg.k)
-        with (self.out / "samples.txt").open("a") as f:
-            f.write(text + "\n")
+        if self.world.main:
+            text = report.print_samples(title, [r["prompt"] for r in rows], completions, batch.rewards.tolist(),
+                                        self.cfg.k)
+            with (self.out / "samples.txt").open("a") as f:
+                f.write(text + "\n")
 
     def save(self, step: int) -> Path:
-        return checkpoint.save(self.cfg.output_dir, step, self.model, self.tokenizer, self.optimizer,
-                               self.scheduler, self.cfg.to_dict())
+        return checkpoint.save(self.cfg.output_dir, step, self.policy_module, self.tokenizer, self.optimizer,
+                               self.cfg.to_dict(), self.world)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run ``cfg`` (from its checkpoint with ``cfg.resume``); return the metrics of every step, resumed or run."""
+    """Run ``cfg`` (from its checkpoint with ``cfg.resume``) on this process, or on every process torchrun
+    started; return the metrics of every step, resumed or run (rank 0; the other ranks get [])."""
+    world = parallel.world_from_env()
+    device = parallel.rank_device(cfg.device, world)
+    plan = checks.prepare(cfg, world, device)  # ConfigError before anything is loaded or written
+    created = parallel.init(world, device)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or (1 if cfg.model is None else threads))
     try:
-        return _train(cfg)
+        return _train(cfg, world, device, plan)
     finally:
         torch.set_num_threads(threads)
+        if created:
+            dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig) -> list[dict]:
-    trainer = Trainer(cfg)
-    out = trainer.out
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = report.MetricsLog(out / "metrics.jsonl", trainer.start)
+def _train(cfg: TrainConfig, world: parallel.World, device: torch.device, plan: checks.Plan) -> list[dict]:
+    out = Path(cfg.output_dir)
+    if world.main:
+        if cfg.overwrite:
+            checks.clear(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    parallel.barrier(world)
+    trainer = Trainer(cfg, world, device, plan)
+    log = None
+    if world.main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        log = report.MetricsLog(out / "metrics.jsonl", trainer.start)
     if trainer.start == 0:
-        (out / "samples.txt").write_text("")
+        if world.main:
+            (out / "samples.txt").write_text("")
         trainer.samples(f"samples before training ({cfg.k} per prompt, first shown):")
-    else:
+    elif world.main:
         print(f"resuming after step {trainer.start} of {cfg.steps}", flush=True)
     bar = tqdm(range(trainer.start, cfg.steps), initial=trainer.start, total=cfg.steps, desc="GVPO",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not (cfg.progress and world.main), dynamic_ncols=True)
     for step in bar:
         record = trainer.step(step)
-        log.write(record)
+        if log is not None:
+            log.write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}", loss=f"{record['loss']:.4f}")
         if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             trainer.save(step + 1)
     bar.close()
     trainer.samples("samples after training:")
+    if not world.main:
+        return []
     metrics = report.read_metrics(out / "metrics.jsonl")
     tenth = max(1, len(metrics) // 10)
     first, last = (sum(m["reward_mean"] for m in part) / len(part) for part in (metrics[:tenth], metrics[-tenth:]))
     print(f"mean reward: first {tenth} steps {first:.3f}, last {tenth} steps {last:.3f}", flush=True)
     if cfg.plot and metrics:
         print(f"plot: {report.plot(metrics, out / 'metrics.png')}", flush=True)
-    print(f"metrics: {out / 'metrics.jsonl'}, checkpoint: {out / f'checkpoint-{cfg.steps}'}", flush=True)
+    procs = f" ({world.size} processes, {'FSDP' if cfg.fsdp else 'DDP'})" if world.size > 1 else ""
+    print(f"metrics: {out / 'metrics.jsonl'}, checkpoint: {out / f'checkpoint-{cfg.steps}'}{procs}", flush=True)
     return metrics

@@ -1,6 +1,6 @@
 """Load the policy and its tokenizer: a Hugging Face causal LM by name or path, or the built-in tiny model.
 
-Also the few model facts the rest of the trainer needs: the device, the autocast context, the EOS ids, and the
+Also the few model facts the rest of the trainer needs: the autocast context, the EOS ids, and the
 decoder / LM head split that lets the loss run on hidden states instead of logits.
 """
 
@@ -13,11 +13,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import tiny
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``name`` if given, else cuda when available, else cpu."""
-    return torch.device(name if name else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def autocast(device: torch.device, bf16: bool | None):

@@ -7,6 +7,10 @@ Fields of a metrics line:
     reward_std       their standard deviation
     loss             GVPO loss (mean over groups), averaged over the step's optimizer steps
     implicit_reward  mean r_i = beta * (s_i - a_i) (0 on the first pass with the 'old' anchor)
+    kl               mean s_i - a_i: the sequence log-ratio of policy and anchor during the update, whose mean
+                     over samples of the policy estimates KL(policy || anchor) (0 on the first pass with 'old')
+    entropy          mean entropy (nats) of the policy's next-token distribution at the sampling temperature,
+                     over the scored completion tokens, before the update
     grad_seq_abs     mean |dL/ds_i|: the per-sequence scale of the gradient
     completion_len   mean completion length in tokens (EOS included)
     grad_norm        gradient norm before clipping, averaged over the step's optimizer steps
@@ -66,7 +70,7 @@ def print_samples(title: str, prompts: list[str], completions: list[str], reward
 
 
 def plot(metrics: list[dict], path: Path) -> Path:
-    """PNG of reward (mean, with a moving average) and loss over steps."""
+    """PNG of reward (mean, with a moving average), loss, entropy and KL to the anchor over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,13 +81,16 @@ def plot(metrics: list[dict], path: Path) -> Path:
     window = max(1, len(metrics) // 20)
     smooth = [sum(reward[max(0, i - window + 1):i + 1]) / len(reward[max(0, i - window + 1):i + 1])
               for i in range(len(reward))]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     top.plot(steps, reward, alpha=0.35, label="reward (step mean)")
     top.plot(steps, smooth, label=f"moving average ({window} steps)")
     top.set_ylabel("reward")
     top.legend(loc="lower right")
-    bottom.plot(steps, [m["loss"] for m in metrics], color="tab:red")
-    bottom.set_ylabel("GVPO loss")
+    middle.plot(steps, [m["loss"] for m in metrics], color="tab:red")
+    middle.set_ylabel("GVPO loss")
+    bottom.plot(steps, [m["entropy"] for m in metrics], color="tab:green", label="entropy (nats/token)")
+    bottom.plot(steps, [m["kl"] for m in metrics], color="tab:purple", label="KL to anchor (s - a, nats/seq)")
+    bottom.legend(loc="upper right")
     bottom.set_xlabel("step")
     fig.suptitle("GVPO training")
     fig.tight_layout()

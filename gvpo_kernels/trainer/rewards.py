@@ -14,6 +14,8 @@ Answers compare by value when both sides are numbers ("1,000" == "1000.0"), else
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import math
 import numbers
 import os
@@ -79,23 +81,59 @@ BUILTINS = {"exact_match": exact_match, "last_number": last_number, "boxed": box
 
 
 def load_reward(spec: str):
-    """The reward function named by ``spec``: a key of BUILTINS or ``module:function`` (importable from the
-    current directory too)."""
+    """The reward function named by ``spec``: a key of BUILTINS, ``module:function`` (importable from the
+    current directory too) or ``path/to/file.py:function``."""
     if spec in BUILTINS:
         return BUILTINS[spec]
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward: {spec!r} is neither a built-in ({', '.join(BUILTINS)}) nor 'module:function'")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+        raise ValueError(f"reward: {spec!r} is neither a built-in ({', '.join(BUILTINS)}) nor 'module:function' "
+                         "or 'file.py:function'")
+    is_file = module_name.endswith(".py") or os.sep in module_name
+    what = "file" if is_file else "module"
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward: cannot import module {module_name!r} for {spec!r}: {err}") from err
+        module = _import_file(module_name) if is_file else _import_module(module_name)
+    except Exception as err:  # a missing file, an ImportError, or an error raised by the module's own code
+        raise ValueError(f"reward: cannot import {what} {module_name!r} for {spec!r}: {type(err).__name__}: "
+                         f"{err}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward: module {module_name!r} has no function {attr!r}")
+        raise ValueError(f"reward: {what} {module_name!r} has no function {attr!r}")
     return fn
+
+
+def _import_module(name: str):
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return importlib.import_module(name)
+
+
+def _import_file(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_fields(fn, name: str, rows: list[dict]) -> None:
+    """ValueError unless ``fn`` can be called as :func:`score` will call it on ``rows``: a built-in needs an
+    ``answer`` in every row; a user function must accept (prompts, completions) and every field as a keyword."""
+    if fn in BUILTINS.values():
+        for i, row in enumerate(rows):
+            if "answer" not in row:
+                raise ValueError(f"data: row {i + 1} has no 'answer', which the built-in reward {name!r} compares "
+                                 "the completion with")
+        return
+    fields = sorted({key for row in rows for key in row} - {"prompt"})
+    try:
+        inspect.signature(fn).bind(["p"], ["c"], **{key: [None] for key in fields})
+    except TypeError as err:
+        raise ValueError(f"reward: {name!r} cannot be called as f(prompts, completions, "
+                         f"{', '.join(f'{k}=...' for k in fields)}) with this data's fields: {err}") from None
+    except ValueError:  # no signature to inspect (a builtin or C function): it is called as it is
+        pass
 
 
 def score(fn, name: str, prompts: list[str], completions: list[str], rows: list[dict]) -> torch.Tensor:

@@ -67,16 +67,18 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], *, k: int, max_new_tokens: int, temperature: float, top_p: float,
-           stop_ids: list[int], pad_id: int) -> Rollout:
+           stop_ids: list[int], pad_id: int, synced_gpus: bool = False) -> Rollout:
     """k completions per prompt with ``model.generate``: pure temperature / top-p sampling (top_k off, no
-    repetition penalty), stopping at any of ``stop_ids`` or after ``max_new_tokens``. Uses the global torch RNG."""
+    repetition penalty), stopping at any of ``stop_ids`` or after ``max_new_tokens``. Uses the global torch RNG.
+    ``synced_gpus``: keep running forward passes until every rank is done (a sharded model's forward is a
+    collective)."""
     ids, mask = left_pad(prompt_ids, pad_id, model.device)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=k,
                               eos_token_id=stop_ids, pad_token_id=pad_id)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced_gpus)
     model.train(was_training)
 
     prompt_len = ids.shape[1]

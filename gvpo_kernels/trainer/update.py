@@ -1,4 +1,5 @@
-"""The update: anchor log-probs, the GVPO loss on hidden states, and the optimizer steps over micro-batches.
+"""The update: anchor log-probs (and the policy's entropy), the GVPO loss on hidden states, and the optimizer steps
+over micro-batches, on one process or many.
 
 The loss never builds the (S, C, V) logits: the decoder runs without its head, its last hidden state is shifted
 by one (hidden[t] predicts token t + 1) and cut to the completion, and ``linear_gvpo_loss`` takes it with
@@ -12,10 +13,25 @@ import math
 import torch
 
 from ..functional import linear_gvpo_loss
+from . import parallel
 from .models import decoder_and_head
-from .rollout import Rollout
+from .rollout import Rollout, sample
 
 ANCHOR_CHUNK_BYTES = 64 << 20  # float32 logits per chunk in the no-grad anchor pass
+
+
+class Policy(torch.nn.Module):
+    """The causal LM as DDP and FSDP wrap it. ``policy(task, ...)`` runs ``sample``, ``logprobs``
+    (:func:`token_logprobs`) or ``loss`` (:func:`gvpo_loss`) on ``policy.model``: the loss takes the head's weight
+    outside the model's own forward, and DDP / FSDP only see what happens inside the forward of the module they
+    wrap, so every use of the weights goes through this one."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, task: str, *args, **kwargs):
+        return {"sample": sample, "logprobs": token_logprobs, "loss": gvpo_loss}[task](self.model, *args, **kwargs)
 
 
 def completion_hidden(model, rollout: Rollout) -> torch.Tensor:
@@ -35,12 +51,14 @@ def loss_dtype(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.dtype:
 
 
 @torch.no_grad()
-def token_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """(S, C) float32 log-probs of each completion token under ``model`` at ``temperature``, 0 where unscored.
+def token_logprobs(model, rollout: Rollout, temperature: float, return_entropy: bool = False):
+    """(S, C) float32 log-probs of each completion token under ``model`` at ``temperature``, 0 where unscored;
+    with ``return_entropy``, also the (S, C) float32 entropy of the model's distribution at each of those
+    positions (at the same temperature; 0 where unscored).
 
     Same numerics as the loss: hidden state and head rounded to :func:`loss_dtype`, products summed in float32
     (plain bf16 logits would be off by ~0.1 nat per token). The logits are built a few sequences at a time (at
-    most ANCHOR_CHUNK_BYTES of them), never all at once.
+    most ANCHOR_CHUNK_BYTES of them), never all at once; the entropy costs one more pass over each chunk.
     """
     _, head = decoder_and_head(model)
     hidden = completion_hidden(model, rollout)
@@ -50,11 +68,16 @@ def token_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     labels = rollout.completion_ids
     rows = max(1, ANCHOR_CHUNK_BYTES // (4 * head.out_features * max(1, labels.shape[1])))
     out = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+    entropy = torch.empty_like(out) if return_entropy else None
     with torch.autocast(hidden.device.type, enabled=False):
         for i in range(0, labels.shape[0], rows):
             logits = torch.nn.functional.linear(hidden[i:i + rows].to(dtype).float(), weight, bias) / temperature
-            out[i:i + rows] = logits.log_softmax(-1).gather(-1, labels[i:i + rows, :, None]).squeeze(-1)
-    return out.masked_fill_(~rollout.completion_mask, 0.0)
+            logp = logits.log_softmax(-1)
+            out[i:i + rows] = logp.gather(-1, labels[i:i + rows, :, None]).squeeze(-1)
+            if return_entropy:
+                entropy[i:i + rows] = -(logp.exp() * logp).sum(-1)
+    out.masked_fill_(~rollout.completion_mask, 0.0)
+    return (out, entropy.masked_fill_(~rollout.completion_mask, 0.0)) if return_entropy else out
 
 
 def gvpo_loss(model, rollout: Rollout, *, beta: float, temperature: float, backend: str = "auto"):
@@ -71,46 +94,55 @@ def gvpo_loss(model, rollout: Rollout, *, beta: float, temperature: float, backe
 
 def optimizer_steps_per_rollout(num_groups: int, micro_batch_groups: int | None, grad_accum: int,
                                 update_epochs: int) -> int:
-    """How many optimizer steps one rollout step makes."""
+    """How many optimizer steps one rollout step makes (``num_groups``: the groups of one rank)."""
     micro_batches = math.ceil(num_groups / (micro_batch_groups or num_groups))
     return update_epochs * math.ceil(micro_batches / grad_accum)
 
 
-def update(model, optimizer, scheduler, rollout: Rollout, *, beta: float, temperature: float, backend: str,
+def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, temperature: float, backend: str,
            update_epochs: int, micro_batch_groups: int | None, grad_accum: int, max_grad_norm: float,
-           autocast) -> dict:
-    """Train on ``rollout`` (rewards and anchor set): ``update_epochs`` passes, each cut into micro-batches of
-    ``micro_batch_groups`` whole groups, ``grad_accum`` micro-batches per optimizer step (each micro-batch's loss
-    weighted by its share of the step's groups, so the step minimises the mean over its groups).
+           autocast, world: parallel.World = parallel.World()) -> dict:
+    """Train ``policy`` (a :class:`Policy`, or DDP / FSDP of one) on ``rollout`` (rewards and anchor set; with
+    several ranks, this rank's groups, as many on every rank): ``update_epochs`` passes, each cut into
+    micro-batches of ``micro_batch_groups`` whole groups, ``grad_accum`` micro-batches per optimizer step (each
+    micro-batch's loss weighted by its share of the step's groups, so the step minimises the mean over its groups;
+    gradients are averaged over ranks on the last micro-batch only, which with equal shares makes it the mean over
+    every rank's groups).
 
-    Returns means over the step: loss, implicit_reward (r_i), grad_seq_abs (|dL/ds_i| of the loss each optimizer
-    step minimises) and grad_norm (before clipping).
+    Returns means over the step and every rank: loss, implicit_reward (r_i), kl (s_i - a_i), grad_seq_abs
+    (|dL/ds_i| of the loss each optimizer step minimises) and grad_norm (before clipping).
     """
     num_groups = rollout.num_groups
     size = micro_batch_groups or num_groups
     micro = [(g, min(g + size, num_groups)) for g in range(0, num_groups, size)]
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in policy.parameters() if p.requires_grad]
     losses, norms, implicit, grad_seq = [], [], [], []
-    model.train()
+    policy.train()
     for _ in range(update_epochs):
         for first in range(0, len(micro), grad_accum):
             chunk = micro[first:first + grad_accum]
             step_groups = sum(stop - start for start, stop in chunk)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for start, stop in chunk:
+            for i, (start, stop) in enumerate(chunk):
                 weight = (stop - start) / step_groups
-                with autocast:
-                    loss, stats = gvpo_loss(model, rollout.groups(start, stop), beta=beta,
-                                            temperature=temperature, backend=backend)
-                (loss * weight).backward()
+                with parallel.gradient_sync(policy, i == len(chunk) - 1):
+                    with autocast:
+                        loss, stats = policy("loss", rollout.groups(start, stop), beta=beta,
+                                             temperature=temperature, backend=backend)
+                    (loss * weight).backward()
                 step_loss += loss.item() * weight
-                implicit.append(stats.implicit_reward)
+                implicit.append(stats.implicit_reward.detach())
                 grad_seq.append(stats.grad_seq_logprob.abs() * weight)
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
             optimizer.step()
             scheduler.step()
             losses.append(step_loss)
-            norms.append(norm.item())
-    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms),
-            "implicit_reward": torch.cat(implicit).mean().item(), "grad_seq_abs": torch.cat(grad_seq).mean().item()}
+            norms.append(parallel.full(norm).item())
+    implicit, grad_seq = torch.cat(implicit), torch.cat(grad_seq)
+    loss_sum, implicit_sum, grad_seq_sum, count = parallel.all_sum(
+        [sum(losses) / len(losses), implicit.sum().item(), grad_seq.sum().item() / world.size, implicit.numel()],
+        world, implicit.device)
+    return {"loss": loss_sum / world.size, "grad_norm": sum(norms) / len(norms),
+            "implicit_reward": implicit_sum / count, "kl": implicit_sum / beta / count,
+            "grad_seq_abs": grad_seq_sum / count}
