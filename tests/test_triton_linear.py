@@ -104,3 +104,18 @@ def test_three_gemm_buffers_do_not_grow_with_tokens(monkeypatch):
         largest.append(mode.largest)
     block_n = linear.tile_config(torch.float32, 16, linear.device_of(DEVICE))["BLOCK_N"]
     assert largest[0] == largest[1] <= block_n * vocab * 4 < 4 * 64 * vocab * 4
+
+
+@pytest.mark.parametrize("anchor", [False, True], ids=["three", "four"])
+def test_gradients_not_asked_for_are_not_computed(anchor):
+    """needs = (hidden only): d_weight and d_bias are None (their GEMMs skipped), d_hidden as with all three."""
+    inputs = make_inputs(Case(hidden_size=16, vocab=130, seq_len=20, groups=(2, 2), anchor=anchor, bias=True),
+                         DEVICE)
+    kwargs = {k: v for k, v in inputs["kwargs"].items() if k in ("mask", "group_size", "ref_logprobs")}
+    lay = layout.build(inputs["labels"], inputs["rewards"], vocab_size=130, **kwargs)
+    args = (layout.as_rows(inputs["hidden"].detach()), inputs["weight"].detach(), inputs["bias"].detach(), lay, 0.1,
+            1.0)
+    some = linear.linear_loss_and_grads(*args, (True, False, False))
+    every = linear.linear_loss_and_grads(*args, (True, True, True))
+    assert some[5] is None and some[6] is None and every[5] is not None and every[6] is not None
+    torch.testing.assert_close(some[4], every[4])

@@ -429,10 +429,12 @@ def linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias, target: torch
     return token_logprob, lse
 
 
-def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float):
+def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float,
+                    needs=(True, True, True)):
     """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype: the gradient
-    pass of the four-GEMM schedule (logits recomputed, lse from the forward); zeros where nothing is scored."""
-    work = _LinearWork(rows, weight, bias, lay.target, temperature, (True, True, bias is not None))
+    pass of the four-GEMM schedule (logits recomputed, lse from the forward); zeros where nothing is scored.
+    ``needs`` (hidden, weight, bias): the gradients to compute (None for the others: a frozen head skips a GEMM)."""
+    work = _LinearWork(rows, weight, bias, lay.target, temperature, (needs[0], needs[1], needs[2] and bias is not None))
     coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
     for chunk in work.chunks():
         grad = work.chunk_buffer(chunk.numel())
@@ -463,8 +465,7 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
         if not any(needs):
             return loss, *stats, None, None, None
         ones = torch.ones((), dtype=torch.float32, device=rows.device)
-        grads = linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature)
-        return (loss, *stats, *(d if need else None for d, need in zip(grads, needs)))
+        return (loss, *stats, *linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature, needs))
 
     work = _LinearWork(rows, weight, bias, lay.target, temperature, needs)
     token_logprob = torch.zeros(lay.num_tokens, dtype=torch.float32, device=rows.device)
