@@ -622,4 +622,5 @@ def _triton_backend():
 
     return SimpleNamespace(token_forward=logprob.token_forward, group_stage=group.group_stage,
                            token_backward=logprob.token_backward, linear_forward=linear.linear_forward,
-                           linear_backward=linear.linear_backward)
+                           linear_backward=linear.linear_backward,
+                           linear_loss_and_grads=linear.linear_loss_and_grads)
