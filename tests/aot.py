@@ -12,13 +12,16 @@ meta-parameters), built on meta tensors of real model shapes. :func:`compile_pla
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole pipeline to PTX and, through
 the ptxas bundled with Triton, to cubin. Nothing is patched. From the result it reads
 
-    regs, spill_stores, spill_loads   ptxas -v (registers per thread, spill bytes)
+    regs, spill_st, spill_ld          ptxas -v (registers per thread, spill store / load bytes)
     smem                              bytes of shared memory (kernel metadata)
     wgmma, mma_sync, cp_async, tma    PTX counts of wgmma.mma_async, mma.sync, cp.async (16-byte async copies),
                                       cp.async.bulk (TMA)
     ld16, ld8, ld4, ld2               global loads by width in bytes (16 = ld.global.v4.b32: a vectorised load)
     st16, st8, st4, st2               global stores by width
+    ld_v4, ld_v2, ld_scalar           global loads by vector shape (.v4 / .v2 / none), as shared/tools/aot_check.py
+                                      counts them; st_vec, st_scalar likewise for stores
     ex2, bar                          PTX counts of ex2.approx (exponentials) and bar.sync (CTA barriers)
+    pointers                          the element types of the pointer arguments ("bf16" in it: a bf16 kernel)
     num_warps, num_stages, seconds
 
 The kernels must be real ``JITFunction`` objects: run this in a process without TRITON_INTERPRET=1 (tests/test_aot.py
@@ -35,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -112,15 +116,25 @@ def specialise(plan, arch: int):
     return (kernel, signature, constexprs, attrs, target, options.__dict__), key
 
 
-def _widths(op: str, ptx: str) -> dict:
-    """Global loads (op 'ld') or stores ('st') by width in bytes, from the PTX."""
-    out = {16: 0, 8: 0, 4: 0, 2: 0, 1: 0}
+def _accesses(op: str, ptx: str) -> list:
+    """[(lanes, bytes)] of every global load (op 'ld') or store ('st') in the PTX."""
+    out = []
     for mods in re.findall(rf"^\s*(?:@!?%p\d+\s+)?{op}\.global((?:\.[\w:]+)+)\s", ptx, flags=re.MULTILINE):
         parts = mods.split(".")
         lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
         bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bsuf]\d+", p)), 8)
-        out[lanes * bits // 8] = out.get(lanes * bits // 8, 0) + 1
+        out.append((lanes, lanes * bits // 8))
     return out
+
+
+def _access_counts(ptx: str) -> dict:
+    loads, stores = _accesses("ld", ptx), _accesses("st", ptx)
+    counts = {f"{op}{w}": sum(b == w for _, b in acc) for op, acc in (("ld", loads), ("st", stores))
+              for w in (16, 8, 4, 2)}
+    counts.update(ld_v4=sum(n == 4 for n, _ in loads), ld_v2=sum(n == 2 for n, _ in loads),
+                  ld_scalar=sum(n == 1 for n, _ in loads), st_vec=sum(n > 1 for n, _ in stores),
+                  st_scalar=sum(n == 1 for n, _ in stores))
+    return counts
 
 
 def _count(pattern: str, text: str) -> int:
@@ -134,27 +148,30 @@ def compile_spec(spec, dump: Optional[str] = None) -> dict:
     from triton.compiler import ASTSource
 
     kernel, signature, constexprs, attrs, target, options = spec
-    res = dict(name=kernel.__name__, arch=target.arch, ok=False)
+    pointers = sorted({v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")})
+    res = dict(name=kernel.__name__, arch=target.arch, pointers=pointers, ok=False)
     t0 = time.time()
     log = io.StringIO()
+    cache, saved = tempfile.mkdtemp(prefix="gvpo_aot_"), (knobs.cache.dir, knobs.nvidia.dump_ptxas_log)
     try:
+        # a fresh cache: a kernel found in the cache would skip ptxas, and with it the register and spill counts
+        knobs.cache.dir = cache
         knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed to stdout by Triton
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
         ptx, ptxas = compiled.asm["ptx"], log.getvalue()
         regs = re.search(r"Used (\d+) registers", ptxas)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
-        loads, stores = _widths("ld", ptx), _widths("st", ptx)
         res.update(
             ok=True, regs=int(regs.group(1)) if regs else None,
-            spill_stores=int(spill.group(1)) if spill else None, spill_loads=int(spill.group(2)) if spill else None,
+            spill_st=int(spill.group(1)) if spill else None, spill_ld=int(spill.group(2)) if spill else None,
             smem=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
             num_stages=compiled.metadata.num_stages,
             wgmma=_count(r"^\s*wgmma\.mma_async", ptx), mma_sync=_count(r"^\s*mma\.sync", ptx),
             cp_async=_count(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.c[ag]", ptx),
             tma=_count(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk", ptx),
             ex2=_count(r"^\s*(?:@!?%p\d+\s+)?ex2\.approx", ptx), bar=_count(r"^\s*(?:@!?%p\d+\s+)?bar\.sync", ptx),
-            **{f"ld{w}": loads[w] for w in (16, 8, 4, 2)}, **{f"st{w}": stores[w] for w in (16, 8, 4, 2)},
+            **_access_counts(ptx),
         )
         if dump:
             stem = os.path.join(dump, f"{kernel.__name__}.sm{target.arch}.{abs(hash(str(signature))) % 10**6}")
@@ -165,6 +182,9 @@ def compile_spec(spec, dump: Optional[str] = None) -> dict:
                 f.write(ptxas)
     except Exception as exc:  # noqa: BLE001  (reported as a failed compile)
         res["error"] = _describe(exc)
+    finally:
+        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
+        shutil.rmtree(cache, ignore_errors=True)
     res["seconds"] = round(time.time() - t0, 2)
     return res
 
@@ -234,7 +254,8 @@ def linear_module():
 
 
 def all_cases(targets=TARGETS):
-    """[(arch, plan)] for every case, and a list of notes (cases left out and why)."""
+    """[(arch, plan, source)] for every case (source: "logits", "group" or "linear"), and a list of notes (cases
+    left out and why)."""
     sys.path.insert(0, _HERE)
     import aot_cases
 
@@ -242,9 +263,10 @@ def all_cases(targets=TARGETS):
     cases, notes = [], [] if why is None else [why]
     for arch in targets:
         dev = device(arch)
-        cases += [(arch, plan) for plan in aot_cases.logits_plans(dev) + aot_cases.group_plans(dev)]
+        cases += [(arch, plan, "logits") for plan in aot_cases.logits_plans(dev)]
+        cases += [(arch, plan, "group") for plan in aot_cases.group_plans(dev)]
         if linear is not None:
-            cases += [(arch, plan) for plan in linear.linear_plans(dev)]
+            cases += [(arch, plan, "linear") for plan in linear.linear_plans(dev)]
     return cases, notes
 
 
@@ -269,7 +291,7 @@ def table(results) -> str:
         if not r["ok"]:
             lines.append(f"{r['name']:30s} {r['arch']:<3d} COMPILE FAILED  {labels}\n    {r['error']}")
             continue
-        cells = [r["regs"], f"{r['spill_stores']}/{r['spill_loads']}", r["smem"], r["wgmma"], r["mma_sync"],
+        cells = [r["regs"], f"{r['spill_st']}/{r['spill_ld']}", r["smem"], r["wgmma"], r["mma_sync"],
                  r["cp_async"], "/".join(str(r[f"ld{w}"]) for w in (16, 8, 4, 2)),
                  "/".join(str(r[f"st{w}"]) for w in (16, 8, 4, 2)), r["ex2"], r["bar"],
                  f"{r['num_warps']}/{r['num_stages']}"]
@@ -279,17 +301,12 @@ def table(results) -> str:
 
 
 def prepare_process():
-    """A private Triton cache (every kernel really goes through the compiler; nothing is left in ~/.triton)."""
+    """Check this process can compile, and import the checkout's gvpo_kernels rather than an installed copy."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("tests/aot.py compiles real kernels: run it without TRITON_INTERPRET=1")
-    cache = tempfile.mkdtemp(prefix="gvpo_aot_")
-    os.environ["TRITON_CACHE_DIR"] = cache
     # Triton 3.6 fuses a*b+c into FMA by default; newer ones do too but warn when this is unset
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    sys.path.insert(0, os.path.dirname(_HERE))  # the checkout's gvpo_kernels, not an installed copy
-    from triton import knobs
-
-    knobs.cache.dir = cache
+    sys.path.insert(0, os.path.dirname(_HERE))
 
 
 def main(argv=None) -> int:
@@ -310,9 +327,11 @@ def main(argv=None) -> int:
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
     cases, notes = all_cases(tuple(int(t) for t in args.targets.split(",")))
-    results = compile_all(cases, args.jobs, args.dump)
+    results = compile_all([(arch, plan) for arch, plan, _ in cases], args.jobs, args.dump)
+    for r, (_, _, source) in zip(results, cases):
+        r["source"] = source
     print(f"# triton {triton.__version__}, python {sys.version.split()[0]}; {len(cases)} plans, "
-          f"{len({r['key'] for r in results if 'key' in r} or results)} variants")
+          f"{len({r['key'] for r in results})} variants")
     for note in notes:
         print(f"# NOTE: {note}")
     print(table(results))

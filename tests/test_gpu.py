@@ -1,6 +1,7 @@
 """The compiled Triton kernels on a real GPU: what the interpreter cannot show (skipped without CUDA).
 
-Realistic shapes, no recompilation when N or T changes, and int64 offsets past 2^31 logits elements.
+Realistic shapes, no recompilation when N or T changes, int64 offsets past 2^31 logits elements, strided rewards,
+and the ahead-of-time compile (tests/aot.py) agreeing with what a launch compiles.
 """
 
 import pytest
@@ -48,17 +49,63 @@ def _compiled_variants(kernel):
     return sum(len(entry[0]) for entry in caches.values())
 
 
+# Triton keys an int argument on == 1 and on divisibility by 16 only, and the row strides are specialised (for 16-byte
+# loads): lengths 1, 16 and 17 meet every such class of T x V, so no later length may add a variant.
+WARM_LENGTHS, NEW_LENGTHS = [1, 16, 17], [2, 32, 33, 100, 257, 512]
+
+
 def test_new_lengths_do_not_recompile():
     from gvpo_kernels.triton import group, logprob
 
     kernels = [logprob.token_logprob_fwd_kernel, logprob.token_logprob_bwd_kernel, group.gvpo_group_fwd_kernel]
-    logits, labels, rewards, kwargs = _inputs(8, 17, 4099, torch.bfloat16)
-    run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
+    for vocab in (4099, 4096):  # rows 16-byte aligned or not
+        for seq_len in WARM_LENGTHS:
+            logits, labels, rewards, kwargs = _inputs(8, seq_len, vocab, torch.bfloat16, seed=seq_len)
+            run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
     before = [_compiled_variants(k) for k in kernels]
-    for seq_len in [1, 16, 33, 100, 257]:
-        logits, labels, rewards, kwargs = _inputs(8, seq_len, 4099, torch.bfloat16, seed=seq_len)
-        run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
+    assert max(before) <= 8, before
+    for vocab in (4099, 4096):
+        for seq_len in NEW_LENGTHS:
+            logits, labels, rewards, kwargs = _inputs(8, seq_len, vocab, torch.bfloat16, seed=seq_len)
+            run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
     assert [_compiled_variants(k) for k in kernels] == before
+
+
+def test_aot_compile_matches_the_launched_kernel():
+    """tests/aot.py, which CI runs without a GPU, compiles a plan to the very kernel a launch of that plan gets:
+    same registers, no spills (a launched kernel's cache holds it after the launch)."""
+    import aot
+
+    from gvpo_kernels.triton import logprob
+    from gvpo_kernels.triton.plan import device_of, launch
+
+    if aot.unavailable_reason():
+        pytest.skip(aot.unavailable_reason())
+    rows = torch.randn(4, 33, 152064, device="cuda", dtype=torch.bfloat16)[:, :-1]
+    target = torch.randint(0, 152064, (4 * 32,), device="cuda")
+    outs = [torch.empty(4 * 32, device="cuda") for _ in range(2)]
+    plan = logprob.forward_plan(rows, target, *outs, 1.0, device_of(rows.device))
+    launch(plan)
+    torch.cuda.synchronize()
+    props = aot.compile_plan(plan, device_of(rows.device).arch)
+    assert props["ok"], props.get("error")
+    launched = [k for k in plan.kernel.device_caches[torch.cuda.current_device()][0].values()]
+    assert props["regs"] in {k.n_regs for k in launched}
+    assert props["spill_st"] == 0 and all(k.n_spills == 0 for k in launched)
+    assert props["ld16"] >= 1
+
+
+def test_strided_and_expanded_rewards():
+    """Issue 11: a rewards column of a table (stride 2) or an expanded scalar (stride 0) must be read as values,
+    not as consecutive memory."""
+    logits, labels, _, kwargs = _inputs(8, 17, 4099, torch.float32)
+    table = torch.randn(8, 2, device="cuda")
+    for rewards in (table[:, 0], torch.tensor(0.5, device="cuda").expand(8)):
+        want = run(gk.reference.gvpo_loss, logits.detach().double().requires_grad_(), labels, rewards.double(),
+                   kwargs)
+        got = run(gk.gvpo_loss, logits, labels, rewards, kwargs, backend="triton")
+        assert abs(got[0].item() - want[0].item()) <= 1e-5 * abs(want[0].item()) + 1e-6
+        torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-6)
 
 
 def test_offsets_past_two_to_the_31():
@@ -126,9 +173,10 @@ def test_linear_new_lengths_do_not_recompile():
         gk.linear_gvpo_loss(hidden, weight, labels, torch.randn(8, device="cuda"), group_size=4,
                             backend="triton").backward()
 
-    step(17)
+    for seq_len in WARM_LENGTHS:
+        step(seq_len)
     before = [_compiled_variants(k) for k in kernels]
-    for seq_len in [1, 16, 33, 100, 257]:
+    for seq_len in NEW_LENGTHS:
         step(seq_len)
     assert [_compiled_variants(k) for k in kernels] == before
 

@@ -1,7 +1,9 @@
 """Triton backend (CUDA GPUs; the CPU only under TRITON_INTERPRET=1).
 
-This file only answers whether the backend can run; the kernels live in ``logprob.py`` (token stage) and
-``group.py`` (group stage), imported when the backend is first used so that the package imports without Triton.
+This file only answers whether the backend can run; the kernels live in ``logprob.py`` (token stage),
+``group.py`` (group stage) and ``linear.py`` (linear path), imported when the backend is first used so that the
+package imports without Triton. Each launcher there is a pure plan (``plan.py``: shapes, dtypes, device -> Plan)
+and a launch of it; tests/aot.py compiles the same plans for sm_80 / sm_90 on a machine without a GPU.
 """
 
 import os

@@ -8,6 +8,10 @@ ranges in step, then centres the implicit and actual rewards within the group an
 
 and the group's loss term scale * sum_i d_i^2 / (2 max(k - 1, 1)). Sums run in a fixed order: deterministic.
 It knows nothing of vocabularies: its input is the (N,) per-token output of the token stage.
+
+Every tensor is read through a raw pointer at ``ptr + i``: :func:`group_plan` refuses one that is not contiguous
+(a strided rewards view such as ``table[:, 0]`` would otherwise be misread). The tile is [BLOCK_K, BLOCK_T] with
+BLOCK_T shrinking as groups grow, so large groups do not spill.
 """
 
 import torch
@@ -16,8 +20,10 @@ import triton.language as tl
 
 from .._alloc import empty
 from ..layout import Layout
+from .plan import Device, Plan, check_flat, device_of, launch
 
-BLOCK_T = 128
+MAX_BLOCK_T = 128
+TILE = 1024  # elements of the [BLOCK_K, BLOCK_T] tile: 8 per thread at 4 warps
 
 
 @triton.jit
@@ -79,6 +85,35 @@ def gvpo_group_fwd_kernel(
     tl.store(group_loss_ptr + g, scale * tl.sum(diff * diff, axis=0) / (2.0 * bessel))
 
 
+def group_plan(token_logprob, lay: Layout, beta: float, seq_logprob, implicit_reward, grad_seq_logprob, group_loss,
+               device: Device) -> Plan:
+    """The launch: token_logprob (N,) float32 and the Layout's per-token and per-sequence tensors in; writes
+    seq_logprob, implicit_reward, grad_seq_logprob (S,) and group_loss (G,), all float32. Reads shapes, strides and
+    dtypes only (works on meta tensors); ``device`` is unused (the tile depends on the largest group alone)."""
+    check_flat("token_logprob", token_logprob, torch.float32)
+    if lay.token_ref is not None:
+        check_flat("token_ref", lay.token_ref, torch.float32)
+    for name in ("cu_seqlens", "group_order", "group_ptr"):
+        check_flat(name, getattr(lay, name), torch.int64)
+    check_flat("rewards", lay.rewards, torch.float32)
+    outs = dict(seq_logprob=seq_logprob, implicit_reward=implicit_reward, grad_seq_logprob=grad_seq_logprob)
+    for name, out in outs.items():
+        check_flat(name, out, torch.float32)
+        if out.numel() != lay.num_seqs:
+            raise ValueError(f"{name} must hold one element per sequence ({lay.num_seqs}), got {out.numel()}")
+    check_flat("group_loss", group_loss, torch.float32)
+    has_ref = lay.token_ref is not None
+    block_k = triton.next_power_of_2(lay.max_group_size)
+    return Plan(
+        gvpo_group_fwd_kernel, (lay.num_groups,),
+        (token_logprob, lay.token_ref if has_ref else token_logprob, lay.cu_seqlens, lay.rewards,
+         lay.group_order, lay.group_ptr, seq_logprob, implicit_reward, grad_seq_logprob, group_loss,
+         float(beta), lay.scale),
+        dict(HAS_REF=has_ref, BLOCK_K=block_k, BLOCK_T=max(1, min(MAX_BLOCK_T, TILE // block_k)), num_warps=4),
+        label=f"group k<={lay.max_group_size} ref={has_ref}",
+    )
+
+
 def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float):
     """token log-probs (N,) -> loss (), s (S,), r (S,), dL/ds (S,), all float32."""
     device = token_logprob.device
@@ -86,12 +121,6 @@ def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float):
     implicit_reward = empty((lay.num_seqs,), dtype=torch.float32, device=device)
     grad_seq_logprob = empty((lay.num_seqs,), dtype=torch.float32, device=device)
     group_loss = empty((lay.num_groups,), dtype=torch.float32, device=device)
-    has_ref = lay.token_ref is not None
-    gvpo_group_fwd_kernel[(lay.num_groups,)](
-        token_logprob, lay.token_ref if has_ref else token_logprob, lay.cu_seqlens, lay.rewards,
-        lay.group_order, lay.group_ptr,
-        seq_logprob, implicit_reward, grad_seq_logprob, group_loss,
-        float(beta), lay.scale,
-        HAS_REF=has_ref, BLOCK_K=triton.next_power_of_2(lay.max_group_size), BLOCK_T=BLOCK_T,
-    )
+    launch(group_plan(token_logprob, lay, beta, seq_logprob, implicit_reward, grad_seq_logprob, group_loss,
+                      device_of(device)))
     return group_loss.sum(), seq_logprob, implicit_reward, grad_seq_logprob

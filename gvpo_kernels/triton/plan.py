@@ -44,8 +44,19 @@ class Plan:
 
 
 def launch(plan: Plan) -> None:
-    """Run ``plan`` on the current device (or in Triton's interpreter)."""
-    plan.kernel[plan.grid](*plan.args, **plan.meta)
+    """Run ``plan`` on the current device (or in Triton's interpreter); a grid with no program launches nothing."""
+    if all(plan.grid):
+        plan.kernel[plan.grid](*plan.args, **plan.meta)
+
+
+def check_flat(name: str, tensor, dtype) -> None:
+    """What a kernel that reads ``tensor`` through a raw pointer at ``ptr + i`` needs: the dtype, and consecutive
+    elements (stride 1; a strided, transposed or stride-0 view would be misread). Raises ValueError naming it."""
+    if tensor.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} for the Triton kernels, got {tensor.dtype}")
+    if tensor.dim() > 1 or (tensor.numel() > 1 and tensor.stride(0) != 1):
+        raise ValueError(f"{name} must be a contiguous 0-D or 1-D tensor for the Triton kernels, got shape "
+                         f"{tuple(tensor.shape)} with strides {tensor.stride()} (make it contiguous first)")
 
 
 def device_of(device) -> Device:

@@ -1,0 +1,170 @@
+"""Every Triton kernel compiled ahead of time to cubin for sm_80 and sm_90 with the installed Triton, no GPU needed.
+
+tests/aot.py compiles the launchers' own plans (tests/aot_cases.py: logits path and group stage; tests/aot_linear.py:
+linear path) for real model shapes, in a child process without TRITON_INTERPRET (conftest.py turns the interpreter
+on here, and interpreted kernels cannot be compiled). ``pytest -s`` shows its table. Fails on a compile error, on a
+spill in a bf16 kernel (or in any logits / group kernel), and where the logits kernels' row loads and stores are not
+16 bytes wide.
+
+The plan tests below run without the compiler: plans are pure (meta tensors in), never depend on N or T through a
+constexpr, and refuse a tensor that a kernel would misread through a raw pointer (a strided or stride-0 view).
+
+The contract with tests/aot_linear.py: ``linear_plans(device) -> list[Plan]`` with a distinct label per plan, and
+optionally ``check(label, arch, props)``, called for each compiled linear plan with its properties (the dict that
+tests/aot.py's ``compile_plan`` returns), raising AssertionError when a property is not what it should be.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import aot  # noqa: E402
+import aot_cases  # noqa: E402
+
+from gvpo_kernels.triton import group, logprob  # noqa: E402
+from gvpo_kernels.triton.plan import Device  # noqa: E402
+
+_reason = aot.unavailable_reason()
+needs_compiler = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+H100 = Device(arch=90, sm_count=132)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plans
+
+
+def test_plans_do_not_depend_on_lengths_through_constexprs():
+    """Two batches that differ only in N and T give the same meta-parameters (a constexpr N or T would recompile
+    every step)."""
+    meta, f32 = aot_cases.meta, torch.float32
+
+    def plans(num_seqs, seq_len):
+        n = num_seqs * seq_len
+        rows = meta((num_seqs, seq_len + 1, 152064), torch.bfloat16)[:, :-1]
+        lay = aot_cases.token_layout(num_tokens=n, num_seqs=num_seqs)
+        outs = [meta((num_seqs,), f32) for _ in range(3)] + [meta((lay.num_groups,), f32)]
+        return [logprob.forward_plan(rows, lay.target, meta((n,), f32), meta((n,), f32), 1.0, H100),
+                logprob.backward_plan(rows, lay, meta((n,), f32), meta((num_seqs,), f32), meta((), f32), 1.0,
+                                      meta(rows.shape, torch.bfloat16), H100),
+                group.group_plan(meta((n,), f32), lay, 0.1, *outs, H100)]
+
+    for a, b in zip(plans(64, 256), plans(16, 1000)):
+        assert a.meta == b.meta and a.kernel is b.kernel
+
+
+def _strided(t):
+    """A view of t's shape whose elements are not consecutive: every other element of a tensor twice as long."""
+    return torch.empty((2 * t.numel(),), dtype=t.dtype, device=t.device)[::2]
+
+
+def _expanded(t):
+    return torch.empty((1,), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+@pytest.mark.parametrize("view", [_strided, _expanded], ids=["strided", "stride0"])
+@pytest.mark.parametrize("field", ["rewards", "token_ref", "cu_seqlens", "group_order", "group_ptr"])
+def test_group_plan_refuses_a_layout_tensor_it_would_misread(field, view):
+    """Issue 11: the group stage read rewards = table[:, 0] as if contiguous and gave a wrong loss."""
+    meta, f32 = aot_cases.meta, torch.float32
+    lay = aot_cases.token_layout(num_tokens=64, num_seqs=8, group_size=4, with_ref=True)
+    lay = dataclasses.replace(lay, **{field: view(getattr(lay, field))})
+    outs = [meta((8,), f32) for _ in range(3)] + [meta((2,), f32)]
+    with pytest.raises(ValueError, match=field):
+        group.group_plan(meta((64,), f32), lay, 0.1, *outs, H100)
+
+
+@pytest.mark.parametrize("view", [_strided, _expanded], ids=["strided", "stride0"])
+@pytest.mark.parametrize("field", ["target", "token_seq", "lse", "grad_seq_logprob"])
+def test_token_plans_refuse_a_per_token_tensor_they_would_misread(field, view):
+    meta, f32 = aot_cases.meta, torch.float32
+    rows = meta((2, 32, 1000), torch.float32)
+    lay = aot_cases.token_layout(num_tokens=64, num_seqs=2, group_size=2)
+    args = dict(lse=meta((64,), f32), grad_seq_logprob=meta((2,), f32))
+    if field in args:
+        args[field] = view(args[field])
+    else:
+        lay = dataclasses.replace(lay, **{field: view(getattr(lay, field))})
+    with pytest.raises(ValueError, match=field):
+        logprob.backward_plan(rows, lay, args["lse"], args["grad_seq_logprob"], meta((), f32), 1.0,
+                              meta(rows.shape, f32), H100)
+    if field == "target":
+        with pytest.raises(ValueError, match=field):
+            logprob.forward_plan(rows, lay.target, meta((64,), f32), meta((64,), f32), 1.0, H100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compiled
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """tests/aot.py's results for every case: {"triton", "notes", "results": [properties + label, source]}."""
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "aot.py"), "--json", str(out), "--jobs", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    print(proc.stdout)
+    if not out.exists():
+        pytest.fail(f"tests/aot.py wrote no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def _results(compiled, source):
+    return [r for r in compiled["results"] if r["source"] == source]
+
+
+@needs_compiler
+def test_every_kernel_compiles(compiled):
+    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in compiled["results"] if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    assert {r["arch"] for r in compiled["results"]} == set(aot.TARGETS)
+
+
+@needs_compiler
+def test_no_spills(compiled):
+    """No spill in a bf16 kernel; none in the logits and group kernels at any dtype."""
+    spilled = [f"sm_{r['arch']} {r['label']}: {r['spill_st']}/{r['spill_ld']} B"
+               for r in compiled["results"] if r["ok"] and ("bf16" in r["pointers"] or r["source"] != "linear")
+               and (r["spill_st"] is None or r["spill_st"] + r["spill_ld"] > 0)]
+    assert not spilled, "\n".join(spilled)
+
+
+@needs_compiler
+def test_logits_rows_move_in_16_byte_vectors(compiled):
+    """Where a row starts 16-byte aligned (V a multiple of 8), every load and store of logits and gradients is
+    16 bytes wide. What remains narrower is one value per row: the forward's int64 target (8 bytes) and its two
+    float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and grad_loss (4 bytes)."""
+    bad = []
+    for r in _results(compiled, "logits"):
+        if not (r["ok"] and aot_cases.vectorisable(r["label"])):
+            continue
+        fwd = r["label"].startswith("fwd ")
+        want = dict(ld16=(1, None), ld8=(1, 1) if fwd else (2, 2), ld4=(0, 0) if fwd else (3, 3), ld2=(0, 0),
+                    st16=(0, 0) if fwd else (1, None), st8=(0, 0), st4=(0, None) if fwd else (0, 0), st2=(0, 0))
+        for key, (lo, hi) in want.items():
+            if r[key] < lo or (hi is not None and r[key] > hi):
+                bad.append(f"sm_{r['arch']} {r['label']}: {key}={r[key]}, want {lo}..{hi if hi is not None else ''}")
+    assert not bad, "\n".join(bad)
+
+
+@needs_compiler
+def test_linear_plans(compiled):
+    linear, why = aot.linear_module()
+    if linear is None:
+        pytest.skip(f"no linear cases: {why}")
+    results = _results(compiled, "linear")
+    assert results, "tests/aot_linear.py gave no plans"
+    check = getattr(linear, "check", None)
+    if check is None:
+        pytest.skip("tests/aot_linear.py defines no check(label, arch, props): compiled only")
+    for r in results:
+        if r["ok"]:
+            check(r["label"], r["arch"], r)
