@@ -50,6 +50,7 @@ from .layout import Layout
 CHUNK_BYTES = 32 << 20  # linear path, three GEMMs: the logits of a chunk's tokens, kept whole, at most this many bytes
 CHUNK_HIDDEN_BYTES = 4 << 20  # linear path, four GEMMs: a chunk's float32 d_hidden, one per thread, at most this
 BLOCK_BYTES = 1 << 20  # a thread's block of logits (block_rows x chunk tokens), consumed while in its L2 cache
+WEIGHT_BLOCK_BYTES = 2 << 20  # bfloat16 / float16 weight: a thread's block of weight rows converted to float32
 # The sources: gvpo_kernels/csrc in an installed wheel, the repository's csrc/ in a checkout (editable install).
 _PACKAGE = Path(__file__).resolve().parent
 CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc" / "rows.cpp").is_file() else _PACKAGE.parent / "csrc"
@@ -335,7 +336,10 @@ class _LinearWork:
                                       1.0 / self.inv_temperature)
 
     def block_rows(self, chunk: _Chunk) -> int:
-        return max(16, BLOCK_BYTES // (4 * chunk.tokens.numel()))
+        rows = BLOCK_BYTES // (4 * chunk.tokens.numel())
+        if self.weight.dtype in (torch.bfloat16, torch.float16):  # bounds the kernels' float32 copy of the block
+            rows = min(rows, WEIGHT_BLOCK_BYTES // (4 * self.weight.shape[1]))
+        return max(16, rows)
 
     def forward(self, chunk: _Chunk):
         """token log-prob, lse (r,) float32 of the chunk's tokens (their logits kept in chunk.logits_t if any)."""

@@ -276,3 +276,17 @@ def test_nothing_scored_gives_zeros(num_tokens):
     assert (token_logprob == 0).all() and (lse == 0).all()
     d_hidden, d_weight, d_bias = cpu.linear_backward(hidden, weight, bias, lay, lse, grad_seq, torch.ones(()), 1.0)
     assert (d_hidden == 0).all() and (d_weight == 0).all() and (d_bias == 0).all()
+
+
+def test_low_precision_weight_blocks_are_bounded():
+    """The kernels copy a bfloat16 / float16 block of weight rows to float32 per thread: at most
+    WEIGHT_BLOCK_BYTES (a wide hidden size with few tokens per chunk would otherwise make it tens of MB)."""
+    hidden_size, vocab = 4096, 64
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        work = cpu._LinearWork(torch.zeros(1, 3, hidden_size, dtype=dtype), torch.zeros(vocab, hidden_size,
+                               dtype=dtype), None, torch.zeros(3, dtype=torch.int64), 1.0)
+        rows = work.block_rows(next(work.chunks(keep=True)))
+        if dtype == torch.float32:  # no copy: the block of logits alone sets it
+            assert rows == cpu.BLOCK_BYTES // (4 * 3)
+        else:
+            assert rows * hidden_size * 4 <= cpu.WEIGHT_BLOCK_BYTES
