@@ -220,9 +220,10 @@ def _fmt(x) -> str:
 
 def markdown(report: dict) -> str:
     m = report["model"]
-    lines = [f"{report['cpu']}, {report['threads']} torch thread(s), {report['date']}; torch {report['versions']['torch']}, "
-             f"transformers {report['versions']['transformers']}, trl {report['versions']['trl']}, gvpo-kernels "
-             f"{report['versions']['gvpo-kernels']} ({report['commit']}); `{report['command']}`, "
+    v = report["versions"]
+    lines = [f"{report['cpu']}, {report['threads']} torch thread(s), {report['date']}; torch {v['torch']}, "
+             f"transformers {v['transformers']}, trl {v['trl']}, gvpo-kernels "
+             f"{v['gvpo-kernels']} ({report['commit']}); `{report['command']}`, "
              f"{report['runtime_s']:.0f} s",
              "",
              f"Model: random Qwen2, V {m['vocab']}, H {m['hidden']}, {m['layers']} layers, float32. "
