@@ -132,22 +132,37 @@ def test_offsets_past_two_to_the_31():
     assert logits.grad[:-8].abs().max() == 0
 
 
+@pytest.mark.parametrize("bias_view", ["contiguous", "strided", "expanded"])
+@pytest.mark.parametrize("anchor", [True, False], ids=["four-gemms", "three-gemms"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_linear_realistic_shape_against_reference(dtype):
-    """The compiled tl.dot tiles (bf16 tensor cores; IEEE fp32 for fp32) against the float64 oracle."""
+def test_linear_realistic_shape_against_reference(dtype, anchor, bias_view):
+    """The compiled tl.dot tiles (bf16 tensor cores; IEEE fp32 for fp32) against the float64 oracle, on both GEMM
+    schedules (an anchor: four GEMMs; on-policy: three, from the stored exponentials), with a contiguous, a
+    strided and an expanded (stride-0) bias. bf16 must accumulate d_weight inside cuBLAS (no fallback)."""
+    from gvpo_kernels.triton import linear
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     num_seqs, seq_len, hidden_size, vocab = 16, 256, 1024, 32003
     hidden = torch.randn(num_seqs, seq_len, hidden_size, device="cuda", generator=gen).to(dtype)
     weight = (torch.randn(vocab, hidden_size, device="cuda", generator=gen) / hidden_size**0.5).to(dtype)
     bias = torch.randn(vocab, device="cuda", generator=gen).to(dtype)
+    if bias_view == "expanded":
+        bias = bias[:1].expand(vocab).contiguous()
     labels = torch.randint(0, vocab, (num_seqs, seq_len), device="cuda", generator=gen)
     kwargs = dict(group_size=8, mask=torch.rand(num_seqs, seq_len, device="cuda", generator=gen) < 0.6,
-                  temperature=0.9, ref_logprobs=-5 * torch.rand(num_seqs, seq_len, device="cuda", generator=gen))
+                  temperature=0.9)
+    if anchor:
+        kwargs["ref_logprobs"] = -5 * torch.rand(num_seqs, seq_len, device="cuda", generator=gen)
     rewards = torch.randn(num_seqs, device="cuda", generator=gen)
 
     def grads(fn, cast, **extra):
         leaves = [t.detach().to(cast).requires_grad_() for t in (hidden, weight, bias)]
-        loss = fn(*leaves[:2], labels, rewards.to(cast), bias=leaves[2], **kwargs, **extra)
+        b = leaves[2]
+        if bias_view == "strided":
+            b = torch.stack([torch.zeros_like(b), b], dim=1)[:, 1]
+        elif bias_view == "expanded":
+            b = b[:1].expand(vocab)
+        loss = fn(*leaves[:2], labels, rewards.to(cast), bias=b, **kwargs, **extra)
         loss.backward()
         return [loss.detach()] + [t.grad for t in leaves]
 
@@ -155,10 +170,13 @@ def test_linear_realistic_shape_against_reference(dtype):
     baseline = grads(gk.reference.linear_gvpo_loss, dtype)  # PyTorch's own error at this dtype
     got = grads(gk.linear_gvpo_loss, dtype, backend="triton")
     slack = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, g, b, o in zip(["loss", "d_hidden", "d_weight", "d_bias"], got, baseline, oracle):
+    names = ["loss", "d_hidden", "d_weight", "d_bias"][: 3 if bias_view == "expanded" else 4]  # expanded: sum ~0
+    for name, g, b, o in zip(names, got, baseline, oracle):
         err = ((g.double() - o).norm() / o.norm()).item()
         base = ((b.double() - o).norm() / o.norm()).item()
         assert err <= base + slack, f"{name}: {err:.3g} vs {base:.3g}"
+    if dtype == torch.bfloat16:
+        assert linear._MIXED_ADDMM[0], "addmm(out_dtype=float32) into the accumulator fell back to a temporary"
 
 
 def test_linear_new_lengths_do_not_recompile():
