@@ -260,9 +260,9 @@ def test_micro_batches_and_accumulation_give_the_full_batch_gradient_without_bui
         model.lm_head.register_forward_hook(lambda *args: calls.append(1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        stats = update.update(update.Policy(model), optimizer, scheduler, batch, beta=0.1, temperature=1.0, backend="torch",
-                              update_epochs=1, micro_batch_groups=micro_batch_groups, grad_accum=grad_accum,
-                              max_grad_norm=0.0, autocast=torch.autocast("cpu", enabled=False))
+        stats = update.update(update.Policy(model), optimizer, scheduler, batch, beta=0.1, temperature=1.0,
+                              backend="torch", update_epochs=1, micro_batch_groups=micro_batch_groups,
+                              grad_accum=grad_accum, max_grad_norm=0.0, autocast=torch.autocast("cpu", enabled=False))
         assert not calls, "the update called lm_head.forward: it built the full logits"
         return stats, [p.grad.clone() for p in model.parameters()]
 
