@@ -213,9 +213,7 @@ def token_logprobs(
         logprob, entropy = gk.token_logprobs(logits, labels, return_entropy=True)
         (-(0.01 * entropy).sum()).backward()           # an entropy bonus
     """
-    layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
-                         backend=backend)
-    layout.check_flag("return_entropy", return_entropy)
+    _check_stats_options(temperature, ignore_index, return_entropy, backend)
     layout.check_logits(logits, labels)
     logprob, entropy = ops.token_stats(logits, labels, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
                                        ignore_index=ignore_index, backend=backend, entropy=return_entropy)
@@ -250,11 +248,15 @@ def linear_token_logprobs(
         hidden = model.model(input_ids).last_hidden_state[:, :-1]
         ref_logprobs = gk.linear_token_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:])
     """
-    layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
-                         backend=backend)
-    layout.check_flag("return_entropy", return_entropy)
+    _check_stats_options(temperature, ignore_index, return_entropy, backend)
     layout.check_linear(hidden, weight, bias, labels)
     logprob, entropy = ops.linear_token_stats(hidden, weight, bias, labels, mask=mask, cu_seqlens=cu_seqlens,
                                               temperature=temperature, ignore_index=ignore_index, backend=backend,
                                               entropy=return_entropy)
     return (logprob, entropy) if return_entropy else logprob
+
+
+def _check_stats_options(temperature, ignore_index, return_entropy, backend) -> None:
+    layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
+                         backend=backend)
+    layout.check_flag("return_entropy", return_entropy)

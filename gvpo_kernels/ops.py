@@ -124,9 +124,16 @@ def no_double_backward(name: str) -> None:
                            "penalty on its gradient would silently be zero); use gvpo_kernels.reference for that")
 
 
-def _second_backward(name: str, why: str) -> RuntimeError:
-    return RuntimeError(f"gvpo_kernels.{name}: a second backward through the same call is not supported ({why}); "
-                        "run the loss again for a second backward")
+def _hand_out_once(ctx, attr: str, name: str, why: str):
+    """The gradients a forward left on ``ctx.<attr>``, released: a second backward (retain_graph=True) raises,
+    as does a backward with create_graph=True."""
+    no_double_backward(name)
+    value = getattr(ctx, attr)
+    if value is None:
+        raise RuntimeError(f"gvpo_kernels.{name}: a second backward through the same call is not supported ({why});"
+                           " run the loss again for a second backward")
+    setattr(ctx, attr, None)
+    return value
 
 
 def _backend_for(name: str, device: torch.device, num_tokens: int, num_seqs: int):
@@ -192,13 +199,18 @@ class _LogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        no_double_backward("gvpo_loss")
-        if grad_loss is None:
-            return (None,) * 13
-        logits, lse, target, token_seq, grad_seq_logprob = ctx.saved_tensors
-        grad = _logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, ctx.temperature,
-                                ctx.backend)
-        return (grad,) + (None,) * 12
+        return _logits_grads(ctx, grad_loss, _logits_backward)
+
+
+def _logits_grads(ctx, grad_loss, logits_backward):
+    """The backward of the logits path, eager (``_logits_backward``) or traced (``logits_backward_op``), from the
+    saved (logits, lse, target, token_seq, grad_seq_logprob)."""
+    no_double_backward("gvpo_loss")
+    if grad_loss is None:
+        return (None,) * 13
+    logits, lse, target, token_seq, grad_seq_logprob = ctx.saved_tensors
+    grad = logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, ctx.temperature, ctx.backend)
+    return (grad,) + (None,) * 12
 
 
 class _InplaceLogitsLoss(torch.autograd.Function):
@@ -231,12 +243,8 @@ class _InplaceLogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        no_double_backward("gvpo_loss")
-        grad = ctx.grad_rows
-        if grad is None:
-            raise _second_backward("gvpo_loss", "with inplace_backward=True the gradient lives in the logits' "
-                                   "storage and was handed out by the first backward")
-        ctx.grad_rows = None
+        grad = _hand_out_once(ctx, "grad_rows", "gvpo_loss", "with inplace_backward=True the gradient lives in "
+                              "the logits' storage and was handed out by the first backward")
         if grad_loss is None:
             grad_loss = torch.ones((), dtype=torch.float32, device=grad.device)
         scale = grad_loss.float() / ctx.stored_scale
@@ -296,13 +304,7 @@ def _logits_setup_context(ctx, inputs, output):
 
 
 def _logits_op_backward(ctx, grad_loss, *_):
-    no_double_backward("gvpo_loss")
-    if grad_loss is None:
-        return (None,) * 13
-    logits, lse, target, token_seq, grad_seq_logprob = ctx.saved_tensors
-    grad = logits_backward_op(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, ctx.temperature,
-                              ctx.backend)
-    return (grad,) + (None,) * 12
+    return _logits_grads(ctx, grad_loss, logits_backward_op)
 
 
 logits_loss_op.register_autograd(_logits_op_backward, setup_context=_logits_setup_context)
@@ -384,12 +386,8 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        no_double_backward("linear_gvpo_loss")
-        grads = ctx.grads
-        if grads is None:
-            raise _second_backward("linear_gvpo_loss", "its gradients are computed in the forward and the first "
-                                   "backward handed them out")
-        ctx.grads = None
+        grads = _hand_out_once(ctx, "grads", "linear_gvpo_loss", "its gradients are computed in the forward and the "
+                               "first backward handed them out")
         if grad_loss is None:
             return (None,) * 18
         if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:

@@ -47,12 +47,7 @@ def gvpo_loss(
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
 
-    scored = labels != ignore_index
-    if mask is not None:
-        scored = scored & mask.bool()
-    safe_labels = torch.where(scored, labels, torch.zeros_like(labels)).long()
-    token_logprob = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    token_logprob = torch.where(scored, token_logprob, torch.zeros_like(token_logprob))
+    scored, token_logprob = _scored_logprobs(logprobs, labels, mask, ignore_index)
     if ref_logprobs is None:
         token_ref = None
     else:
@@ -82,6 +77,16 @@ def gvpo_loss(
         grad_seq_logprob=grad_s.float(),
     )
     return loss, stats
+
+
+def _scored_logprobs(logprobs, labels, mask, ignore_index):
+    """-> scored (labels' shape, bool) and each scored label's log-prob, 0 where not scored."""
+    scored = labels != ignore_index
+    if mask is not None:
+        scored = scored & mask.bool()
+    safe_labels = torch.where(scored, labels, torch.zeros_like(labels)).long()
+    token_logprob = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return scored, torch.where(scored, token_logprob, torch.zeros_like(token_logprob))
 
 
 def _per_sequence_sums(token_values, cu_seqlens):
@@ -155,12 +160,7 @@ def token_logprobs(logits, labels, *, temperature=1.0, mask=None, cu_seqlens=Non
     layout.token_targets(labels, vocab_size=vocab_size, mask=mask, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    scored = labels != ignore_index
-    if mask is not None:
-        scored = scored & mask.bool()
-    safe_labels = torch.where(scored, labels, torch.zeros_like(labels)).long()
-    token_logprob = logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    token_logprob = torch.where(scored, token_logprob, torch.zeros_like(token_logprob))
+    scored, token_logprob = _scored_logprobs(logprobs, labels, mask, ignore_index)
     if not return_entropy:
         return token_logprob
     probs = logprobs.exp()

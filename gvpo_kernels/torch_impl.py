@@ -173,18 +173,23 @@ def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad
     Per chunk: recompute the logits, turn them into dL/dlogits in place, then d_hidden = dlogits @ W and
     d_weight += dlogits^T @ h, all in float32 and accumulated in float32 across chunks.
     """
+    coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
+    return _linear_contract(rows, weight, bias, temperature,
+                            lambda z, a, b: _softmax_grad_(z, lse[a:b], coef[a:b], lay.target[a:b]))
+
+
+def _linear_contract(rows, weight, bias, temperature: float, chunk_grad):
+    """d_hidden, d_weight, d_bias of logits = rows @ W.T + b, chunk by chunk: ``chunk_grad(z, start, end)`` turns a
+    chunk's float32 logits / T, z (r, V), into their gradient (with the 1/T) in place and returns it."""
     hidden_size, vocab = rows.shape[-1], weight.shape[0]
     weight32, bias32 = _float32_head(weight, bias)
-    coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
     d_hidden = empty(rows.shape, dtype=rows.dtype, device=rows.device)
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
     for start, index in _chunks(rows, vocab):
         x = rows[index]
         h = x.reshape(-1, hidden_size).float()
-        end = start + h.shape[0]
-        z = _linear_logits(h, weight32, bias32, temperature)
-        grad = _softmax_grad_(z, lse[start:end], coef[start:end], lay.target[start:end])
+        grad = chunk_grad(_linear_logits(h, weight32, bias32, temperature), start, start + h.shape[0])
         d_hidden[index] = (grad @ weight32).view(x.shape)
         d_weight.addmm_(grad.T, h)
         if d_bias is not None:
@@ -274,21 +279,6 @@ def linear_token_stats_backward(rows, weight, bias, target, lse, entropy, grad_l
                                 temperature: float):
     """d_hidden (B', T', H), d_weight (V, H), d_bias (V,) of sum grad_logprob * logprob + grad_entropy * entropy:
     each chunk's logits recomputed, turned into their gradient in place, contracted in float32."""
-    hidden_size, vocab = rows.shape[-1], weight.shape[0]
-    weight32, bias32 = _float32_head(weight, bias)
     coef_lp, coef_ent = _stat_coefs(target, grad_logprob, grad_entropy, temperature)
-    d_hidden = empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if bias is not None else None
-    for start, index in _chunks(rows, vocab):
-        x = rows[index]
-        h = x.reshape(-1, hidden_size).float()
-        end = start + h.shape[0]
-        z = _linear_logits(h, weight32, bias32, temperature)
-        grad = _token_stats_grad_(z, lse[start:end], entropy[start:end], coef_lp[start:end], coef_ent[start:end],
-                                  target[start:end])
-        d_hidden[index] = (grad @ weight32).view(x.shape)
-        d_weight.addmm_(grad.T, h)
-        if d_bias is not None:
-            d_bias += grad.sum(0)
-    return d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype)
+    return _linear_contract(rows, weight, bias, temperature, lambda z, a, b: _token_stats_grad_(
+        z, lse[a:b], entropy[a:b], coef_lp[a:b], coef_ent[a:b], target[a:b]))
