@@ -24,7 +24,8 @@ from .rewards import check_fields, load_reward
 # settings that, changed on resume, would make the learning-rate schedule jump
 SCHEDULE = ("steps", "lr", "warmup_steps", "min_lr_ratio")
 # settings that do not change what the run computes
-COSMETIC = {"resume", "overwrite", "progress", "plot", "num_samples", "save_every", "threads", "device"}
+COSMETIC = {"resume", "overwrite", "output_dir", "fsdp", "progress", "plot", "num_samples", "save_every", "threads",
+            "device"}
 # what a run writes into output_dir (all of it goes with --overwrite)
 RUN_FILES = ("metrics.jsonl", "metrics.png", "samples.txt", "config.json")
 # the task defaults of TrainConfig, which are the tiny demo's: (default, how the warning names it)
