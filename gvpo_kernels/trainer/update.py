@@ -12,12 +12,10 @@ import math
 
 import torch
 
-from ..functional import linear_gvpo_loss
+from ..functional import linear_gvpo_loss, linear_token_logprobs
 from . import parallel
 from .models import decoder_and_head
 from .rollout import Rollout, sample
-
-ANCHOR_CHUNK_BYTES = 64 << 20  # float32 logits per chunk in the no-grad anchor pass
 
 
 class Policy(torch.nn.Module):
@@ -56,28 +54,17 @@ def token_logprobs(model, rollout: Rollout, temperature: float, return_entropy: 
     with ``return_entropy``, also the (S, C) float32 entropy of the model's distribution at each of those
     positions (at the same temperature; 0 where unscored).
 
-    Same numerics as the loss: hidden state and head rounded to :func:`loss_dtype`, products summed in float32
-    (plain bf16 logits would be off by ~0.1 nat per token). The logits are built a few sequences at a time (at
-    most ANCHOR_CHUNK_BYTES of them), never all at once; the entropy costs one more pass over each chunk.
+    ``gk.linear_token_logprobs`` on the hidden states and the head, as the loss takes them (:func:`loss_dtype`),
+    so the logits are never built and the products are summed in float32 (plain bf16 logits would be off by
+    ~0.1 nat per token); the entropy comes from the same pass.
     """
     _, head = decoder_and_head(model)
     hidden = completion_hidden(model, rollout)
     dtype = loss_dtype(hidden, head)
-    weight = head.weight.to(dtype).float()
-    bias = None if head.bias is None else head.bias.to(dtype).float()
-    labels = rollout.completion_ids
-    rows = max(1, ANCHOR_CHUNK_BYTES // (4 * head.out_features * max(1, labels.shape[1])))
-    out = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
-    entropy = torch.empty_like(out) if return_entropy else None
-    with torch.autocast(hidden.device.type, enabled=False):
-        for i in range(0, labels.shape[0], rows):
-            logits = torch.nn.functional.linear(hidden[i:i + rows].to(dtype).float(), weight, bias) / temperature
-            logp = logits.log_softmax(-1)
-            out[i:i + rows] = logp.gather(-1, labels[i:i + rows, :, None]).squeeze(-1)
-            if return_entropy:
-                entropy[i:i + rows] = -(logp.exp() * logp).sum(-1)
-    out.masked_fill_(~rollout.completion_mask, 0.0)
-    return (out, entropy.masked_fill_(~rollout.completion_mask, 0.0)) if return_entropy else out
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return linear_token_logprobs(hidden.to(dtype), head.weight.to(dtype), rollout.completion_ids, bias=bias,
+                                 mask=rollout.completion_mask, temperature=temperature,
+                                 return_entropy=return_entropy)
 
 
 def gvpo_loss(model, rollout: Rollout, *, beta: float, temperature: float, backend: str = "auto"):
