@@ -39,6 +39,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fop
           "-fno-trapping-math", "-ffp-contract=off"]  # no fused x * s - lse: csrc/gvpo_math.h says why
 LDFLAGS = ["-fopenmp"]
 COMPILING = "gvpo_kernels: compiling the C++ kernels (once, ~10 s) into {}"
+STALE_LOCK_S = 30 * 60  # a build lock older than this was left by a killed build
 
 group_stage = torch_impl.group_stage
 
@@ -104,6 +106,7 @@ def _build_and_load():
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build_dir / "lock")
     print(COMPILING.format(build_dir), file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name="gvpo_cpu", sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
@@ -113,6 +116,16 @@ def _build_and_load():
         return (f"the C++ CPU kernels (csrc/) failed to build or load ({type(exc).__name__}: "
                 f"{detail[-1] if detail else ''}); the build log is in {build_dir}")
     return None
+
+
+def _remove_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> None:
+    """cpp_extension's build lock, left behind by a build that was killed, makes every later process wait on it
+    forever: remove it once it is older than any build takes (a live build holds it for ~10 s to a few minutes)."""
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+    except OSError:  # no lock, or another process removed it first
+        pass
 
 
 def _toolchain_problem():
@@ -141,7 +154,7 @@ def _build_facts() -> dict:
     except (OSError, subprocess.SubprocessError):
         version = ""
     sources = hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in SOURCES + HEADERS)).hexdigest()
-    return dict(sources=sources, flags=repr((CFLAGS, LDFLAGS)),
+    return dict(sources=sources, source_dir=str(CSRC), flags=repr((CFLAGS, LDFLAGS)),
                 torch=f"{torch.__version__} {Path(torch.__file__).parent}",
                 python=f"{sys.version} {sysconfig.get_paths()['include']}",
                 compiler=f"{compiler} {version.splitlines()[0] if version else ''}",

@@ -292,3 +292,19 @@ def test_autocast_around_the_call_does_not_reach_inside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = gk.linear_gvpo_loss(*args, bias=inputs["bias"], backend="cpu", **inputs["kwargs"])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
+    """A build killed midway leaves cpp_extension's lock file, on which every later build would wait forever."""
+    import os
+    import time
+
+    stale, live = tmp_path / "stale", tmp_path / "live"
+    stale.write_text("")
+    live.write_text("")
+    old = time.time() - 2 * cpu.STALE_LOCK_S
+    os.utime(stale, (old, old))
+    cpu._remove_stale_lock(stale)
+    cpu._remove_stale_lock(live)
+    cpu._remove_stale_lock(tmp_path / "missing")
+    assert not stale.exists() and live.exists()
