@@ -484,6 +484,11 @@ def _per_token_layout(target) -> Layout:
     return _token_layout(target, torch.arange(target.numel(), device=target.device))
 
 
+def _shaped(shape, token_logprob, token_entropy):
+    """The (N,) token statistics in the labels' shape (the entropy None when not asked for)."""
+    return token_logprob.view(shape), None if token_entropy is None else token_entropy.view(shape)
+
+
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
@@ -499,10 +504,7 @@ class _TokenStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, target, lse, token_entropy)
         ctx.impl, ctx.temperature = impl, temperature
-        token_logprob = token_logprob.view(labels.shape)
-        if token_entropy is None:
-            return token_logprob, None
-        return token_logprob, token_entropy.view(labels.shape)
+        return _shaped(labels.shape, token_logprob, token_entropy)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
@@ -543,10 +545,7 @@ class _LinearTokenStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(rows, weight, bias, target, lse, token_entropy)
         ctx.impl, ctx.temperature, ctx.hidden_shape = impl, temperature, hidden.shape
-        token_logprob = token_logprob.view(labels.shape)
-        if token_entropy is None:
-            return token_logprob, None
-        return token_logprob, token_entropy.view(labels.shape)
+        return _shaped(labels.shape, token_logprob, token_entropy)
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
