@@ -563,6 +563,9 @@ def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
                 return
             except (TypeError, RuntimeError):
                 _MIXED_ADDMM[0] = False
-        acc += torch.mm(a, b, out_dtype=torch.float32)  # an older PyTorch: one float32 temporary per chunk
-    else:
-        acc.addmm_(a.float(), b.float())
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)  # an older PyTorch: one float32 temporary per chunk
+            return
+        except TypeError:  # older still (torch < 2.8 has no out_dtype): float32 copies of the operands
+            pass
+    acc.addmm_(a.float(), b.float())
