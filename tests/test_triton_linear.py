@@ -1,5 +1,5 @@
-"""The Triton linear path's own pieces in the interpreter: the three-GEMM schedule against the four-GEMM one and
-the float64 oracle, strided and stride-0 biases, nothing scored, and chunk buffers that do not grow with N.
+"""The Triton linear path's own pieces in the interpreter: the three-GEMM schedule (on-policy, and with an anchor
+in chunks of whole groups) against the four-GEMM one and the float64 oracle, strided and stride-0 biases, nothing scored, and chunk buffers that do not grow with N.
 
 (tests/test_linear.py checks the public loss on every backend; these call gvpo_kernels.triton.linear directly.)
 """
@@ -61,6 +61,30 @@ def test_three_gemms_equal_four_gemms_and_the_oracle(dtype, monkeypatch):
                                       [four[0], *four[4:]], oracle):
         assert torch.isfinite(got).all(), name
         assert rel_err(got, want) <= rel_err(other, want) + SLACK[dtype], name
+    for got, other in zip(three[1:4], four[1:4]):
+        torch.testing.assert_close(got, other)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [64, 128, 64 * 40], ids=["group-too-big", "whole-groups", "one-chunk"])
+def test_three_gemms_with_an_anchor_in_chunks_of_whole_groups(rows_per_chunk, monkeypatch):
+    """With an anchor, chunks of whole groups (shuffled group ids, sizes 1-3) run three GEMMs, each chunk's group
+    stage right after its forward; a group larger than a chunk falls back to four. Both equal the four-GEMM
+    schedule and the oracle."""
+    inputs = make_inputs(Case(hidden_size=16, vocab=130, seq_len=40, groups=(2, 3, 1, 2), shuffled=True,
+                              bias=True, temperature=0.7), DEVICE)
+    monkeypatch.setattr(linear, "CHUNK_BYTES", rows_per_chunk * 130 * 4)
+    bias = inputs["bias"].detach()
+    calls = []
+    grad_from_exp = linear.grad_from_exp_plan
+    monkeypatch.setattr(linear, "grad_from_exp_plan", lambda *a, **k: calls.append(1) or grad_from_exp(*a, **k))
+    three = _call(inputs, bias, schedule="three", temperature=0.7)
+    assert bool(calls) == (rows_per_chunk != 64), "three GEMMs exactly when every group fits a chunk"
+    four = _call(inputs, bias, schedule="four", temperature=0.7)
+    oracle = _oracle(inputs, bias, temperature=0.7)
+    for name, got, other, want in zip(["loss", "d_hidden", "d_weight", "d_bias"], [three[0], *three[4:]],
+                                      [four[0], *four[4:]], oracle):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, want) <= rel_err(other, want) + SLACK[torch.float32], name
     for got, other in zip(three[1:4], four[1:4]):
         torch.testing.assert_close(got, other)
 

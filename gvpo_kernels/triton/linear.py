@@ -27,12 +27,14 @@ Backward, the GEMM schedule. d_hidden = G @ W and d_weight = G^T @ h with G = dL
 A fully fused kernel would add each tile's contribution into d_hidden and d_weight with atomics moving
 N H V / BLOCK_V floats (~10^11 at 16k tokens x 152k vocabulary); instead G is formed one chunk of scored rows at
 a time (a buffer of at most CHUNK_BYTES: memory is bounded whatever N and V are) and contracted by cuBLAS:
-  - three GEMMs when the per-sequence coefficients dL/ds are known before any logit: on-policy (no ref_logprobs)
-    r_i = 0 whatever s_i is, so dL/ds_i = -beta/(k-1) (R_i - mean R) times the reduction's scale.
-    ``linear_loss_and_grads`` then runs, per chunk, the forward with STORE_EXP (GEMM 1), turns the stored
+  - three GEMMs when a chunk's coefficients dL/ds are known before its gradient pass. On-policy (no
+    ref_logprobs) r_i = 0 whatever s_i is, so dL/ds_i = -beta/(k-1) (R_i - mean R) times the reduction's scale,
+    known before any logit; with an anchor dL/ds needs every s of a group, so the chunks hold whole groups (the
+    scored rows ordered by group) and each chunk's group stage runs right after its forward.
+    ``linear_loss_and_grads`` runs, per chunk, the forward with STORE_EXP (GEMM 1), turns the stored
     exponentials into G in place (``linear_grad_from_exp_kernel``, memory-bound: 4 bytes per element), and the
-    two cuBLAS GEMMs;
-  - four GEMMs otherwise (an anchor: dL/ds needs every s of a group): the forward for the log-sum-exps, the group
+    two cuBLAS GEMMs. A 1 GiB chunk holds 3530 tokens at V 152064: a group of 8 responses of 400 tokens fits;
+  - four GEMMs otherwise (one group's scored rows exceed a chunk): the forward for the log-sum-exps, the group
     stage, then per chunk ``linear_logprob_bwd_kernel`` recomputes the logits tile and writes G, and the same two
     cuBLAS GEMMs (``linear_forward`` / ``linear_backward``, also what distributed.py drives).
 Who does which GEMM: the logits GEMMs are Triton, because their epilogue (online log-sum-exp, label pick,
@@ -49,9 +51,11 @@ one GEMM of 2 N H V = 17.9 TFLOP takes 18.1 ms at peak, so the floor of 8 N H V 
 form (sm_90, Triton 3.9: wgmma on two warpgroups, both operands through cp.async, 4 stages, no spills, 153 / 139 /
 127 registers for forward / forward storing / recomputing backward; no warp specialisation, so taken at ~70% of
 peak for 128 x 128 tiles, ~60% for the storing forward's 128 x 64, ~80% for cuBLAS):
-  on-policy, three GEMMs: forward storing 30 ms + its 5 GB of stores ~1 ms + G pass (10 GB) 3.3 ms + d_hidden
-    22.6 ms + d_weight 22.6 ms + 5 chunks x 4.4 GB of float32 accumulator traffic 6.5 ms ~ 86 ms = 1.19x the floor;
-  with an anchor, four GEMMs: forward 25.8 ms + recomputing backward 26.8 ms + 22.6 + 22.6 + 6.5 ~ 104 ms = 1.44x.
+  three GEMMs (on-policy, or an anchor with groups that fit a chunk): forward storing 30 ms + its 5 GB of stores
+    ~1 ms + G pass (10 GB) 3.3 ms + d_hidden 22.6 ms + d_weight 22.6 ms + 5 chunks x 4.4 GB of float32
+    accumulator traffic 6.5 ms ~ 86 ms = 1.19x the floor (with an anchor, plus one group stage per chunk: us);
+  four GEMMs (a group larger than a chunk): forward 25.8 ms + recomputing backward 26.8 ms + 22.6 + 22.6 + 6.5
+    ~ 104 ms = 1.44x.
 What would close the rest: a persistent, warp-specialised forward (TMA descriptors and a producer warpgroup,
 128 x 256 tiles: ~80% of peak, -8 ms) once Triton 3.6 and 3.9 share that API; for the four-GEMM case, chunking G
 along the vocabulary when N < V (each d_weight row written once by one GEMM with K = N: -6.5 ms); and d_hidden
@@ -455,11 +459,16 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
         loss (), seq_logprob (S,), implicit_reward (S,), grad_seq_logprob (S,) float32, d_hidden (B', T', H) in the
         hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32), or None.
 
-    Three GEMMs on-policy (no ref_logprobs: dL/ds does not depend on s, so it is known before any logit), four
-    otherwise (forward, group stage, then :func:`linear_backward`); see the module docstring.
+    Three GEMMs whenever the coefficients dL/ds of a chunk's rows are known before its gradient pass: on-policy
+    (no ref_logprobs: dL/ds does not depend on s) in any chunks, and with an anchor in chunks of whole groups
+    (each chunk's group stage runs right after its forward). Four otherwise: when a single group's scored rows
+    exceed a chunk (forward, group stage, then :func:`linear_backward`); see the module docstring.
     """
     needs = (needs[0], needs[1], needs[2] and bias is not None)
-    if not any(needs) or lay.token_ref is not None:
+    work = _LinearWork(rows, weight, bias, lay.target, temperature, needs)
+    on_policy = lay.token_ref is None
+    chunks = (work.chunks() if on_policy else work.group_chunks(lay)) if any(needs) else None
+    if chunks is None:
         token_logprob, lse = linear_forward(rows, weight, bias, lay.target, temperature)
         loss, *stats = group_stage(token_logprob, lay, beta)
         if not any(needs):
@@ -467,16 +476,20 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
         ones = torch.ones((), dtype=torch.float32, device=rows.device)
         return (loss, *stats, *linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature, needs))
 
-    work = _LinearWork(rows, weight, bias, lay.target, temperature, needs)
     token_logprob = torch.zeros(lay.num_tokens, dtype=torch.float32, device=rows.device)
     ones = torch.ones((), dtype=torch.float32, device=rows.device)
-    coef = _token_coef(lay, group_stage(token_logprob, lay, beta)[3], ones, temperature)  # r = 0 whatever s is
-    for chunk in work.chunks():
+
+    def coefficients():
+        """Every token's dL/ds / T; right for the groups whose rows are all in token_logprob already."""
+        return _token_coef(lay, group_stage(token_logprob, lay, beta)[3], ones, temperature)
+
+    coef = coefficients() if on_policy else None  # on-policy r = 0 whatever s is
+    for chunk in chunks:
         exp = work.chunk_buffer(chunk.numel())
         tile_max = work.tile_max_buffer(chunk.numel())
         token_logprob[chunk], lse = work.forward(chunk, exp, tile_max)
-        launch(grad_from_exp_plan(exp, tile_max, lay.target[chunk], lse, coef[chunk],
-                                  work.store_config["BLOCK_V"]))
+        chunk_coef = (coef if on_policy else coefficients())[chunk]  # anchored: this chunk's groups are whole
+        launch(grad_from_exp_plan(exp, tile_max, lay.target[chunk], lse, chunk_coef, work.store_config["BLOCK_V"]))
         work.add_grads(chunk, exp)
     return (*group_stage(token_logprob, lay, beta), *work.grads())
 
@@ -500,11 +513,34 @@ class _LinearWork:
         self.d_weight = torch.zeros(weight.shape, **f32) if needs[1] else None
         self.d_bias = torch.zeros(weight.shape[0], **f32) if needs[2] else None
 
-    def chunks(self):
-        """Slices of the scored rows, each with a chunk buffer of at most CHUNK_BYTES (at least BLOCK_N rows)."""
+    def chunk_rows(self) -> int:
+        """Rows per chunk: a chunk buffer of at most CHUNK_BYTES (at least BLOCK_N rows)."""
         vocab_size, block = self.weight.shape[0], self.config["BLOCK_N"]
-        step = max(block, CHUNK_BYTES // (vocab_size * self.rows.element_size()) // block * block)
+        return max(block, CHUNK_BYTES // (vocab_size * self.rows.element_size()) // block * block)
+
+    def chunks(self):
+        """Slices of the scored rows, each of at most chunk_rows()."""
+        step = self.chunk_rows()
         return [self.scored[lo:lo + step] for lo in range(0, self.scored.numel(), step)]
+
+    def group_chunks(self, lay: Layout):
+        """The scored rows ordered by group and cut into chunks of whole groups, each of at most chunk_rows(); None
+        when one group's scored rows alone exceed that (one host sync for the per-group counts)."""
+        group_of = lay.seq_group[lay.token_seq[self.scored]]
+        rows = self.scored[torch.argsort(group_of, stable=True)]
+        counts = torch.bincount(group_of, minlength=lay.num_groups).tolist()
+        step = self.chunk_rows()
+        if max(counts, default=0) > step:
+            return None
+        chunks, start, size = [], 0, 0
+        for count in counts:
+            if size + count > step:
+                chunks.append(rows[start:start + size])
+                start, size = start + size, 0
+            size += count
+        if size:
+            chunks.append(rows[start:start + size])
+        return chunks
 
     def _buffer(self, name, num_rows, cols, dtype):
         """A (num_rows, cols) view of one buffer per name, reused by every chunk (allocated for the first)."""
@@ -556,7 +592,8 @@ def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (float32) += a @ b, accumulated in float32 inside the GEMM where the inputs allow it."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         if _MIXED_ADDMM[0]:
             try:
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16 operands, fp32 C read and written
