@@ -261,17 +261,13 @@ def build(
     num_tokens = labels.numel()
 
     # sequences ------------------------------------------------------------------------------------------------
+    cu_host = _packed_offsets(labels, cu_seqlens)
     if packed:
-        if cu_seqlens is None:
-            raise ValueError("cu_seqlens is required for packed (N, ...) input: pass the (S + 1,) sequence offsets")
-        cu_host = _check_cu_seqlens(cu_seqlens, num_tokens, device)
         num_seqs = cu_host.numel() - 1
         lengths = (cu_host[1:] - cu_host[:-1]).to(device, non_blocking=True)
         cu = cu_host.to(device, non_blocking=True)
         token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=num_tokens)
     else:
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens applies to packed (N, ...) input only; this input is padded (B, T, ...)")
         num_seqs, seq_len = labels.shape
         cu = torch.arange(num_seqs + 1, device=device) * seq_len
         token_seq = torch.arange(num_tokens, device=device) // max(seq_len, 1)
@@ -333,13 +329,7 @@ def build(
 def token_targets(labels, *, vocab_size: int, mask=None, cu_seqlens=None, ignore_index: int = -100) -> torch.Tensor:
     """(N,) int64 target of each flat token (-1 where not scored), with the per-token checks of :func:`build`
     (mask, labels in range at scored positions, cu_seqlens for packed input): what the token statistics need."""
-    num_tokens = labels.numel()
-    if labels.dim() == 1:
-        if cu_seqlens is None:
-            raise ValueError("cu_seqlens is required for packed (N, ...) input: pass the (S + 1,) sequence offsets")
-        _check_cu_seqlens(cu_seqlens, num_tokens, labels.device)
-    elif cu_seqlens is not None:
-        raise ValueError("cu_seqlens applies to packed (N, ...) input only; this input is padded (B, T, ...)")
+    _packed_offsets(labels, cu_seqlens)
     flat_labels, scored, target, mask_ok, labels_ok = _scored_targets(labels, mask, ignore_index, vocab_size)
     mask_ok, labels_ok = torch.stack([mask_ok, labels_ok]).tolist()
     _raise_token_errors(mask_ok, labels_ok, flat_labels, scored, vocab_size, ignore_index)
@@ -379,6 +369,18 @@ def _raise_token_errors(mask_ok, labels_ok, flat_labels, scored, vocab_size, ign
             f"labels must lie in [0, {vocab_size}) at scored positions; flat position {bad} holds "
             f"{flat_labels[bad].item()} (mark it with ignore_index={ignore_index} or mask=False to skip it)"
         )
+
+def _packed_offsets(labels, cu_seqlens):
+    """The checked (S + 1,) int64 offsets on the host for packed (N,) labels; None for padded (B, T) ones, which
+    take no cu_seqlens."""
+    if labels.dim() == 1:
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens is required for packed (N, ...) input: pass the (S + 1,) sequence offsets")
+        return _check_cu_seqlens(cu_seqlens, labels.numel(), labels.device)
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens applies to packed (N, ...) input only; this input is padded (B, T, ...)")
+    return None
+
 
 def _check_cu_seqlens(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     _check_tensor("cu_seqlens", cu_seqlens)
