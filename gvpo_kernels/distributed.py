@@ -63,22 +63,26 @@ class Ranks:
 
 
 def gvpo_loss(logits, labels, rewards, *, backend, group_process_group, vocab_process_group, inplace_backward,
-              beta, temperature, **build_args):
-    """loss, seq_logprob, implicit_reward, grad_seq_logprob of the logits path across ranks."""
+              beta, temperature, entropy=False, **build_args):
+    """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy ((S,) with ``entropy``, else (0,)) of the
+    logits path across ranks."""
     problem = None
     if inplace_backward:
         problem = ValueError("inplace_backward is not supported together with a process group")
     impl, lay, ranks = _prepare(logits.shape[-1], logits.device, backend, labels, rewards, group_process_group,
                                 vocab_process_group, beta, temperature, build_args, problem)
-    return _LogitsAcrossRanks.apply(logits, impl, lay, ranks, float(beta), float(temperature))
+    stats_impl = ops._entropy_backend(impl, backend, "token_stats_forward") if entropy else None
+    return _LogitsAcrossRanks.apply(logits, impl, stats_impl, lay, ranks, float(beta), float(temperature))
 
 
 def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, backend, group_process_group, vocab_process_group,
-                     beta, temperature, **build_args):
-    """loss, seq_logprob, implicit_reward, grad_seq_logprob of the linear path across ranks."""
+                     beta, temperature, entropy=False, **build_args):
+    """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy of the linear path across ranks."""
     impl, lay, ranks = _prepare(weight.shape[0], hidden.device, backend, labels, rewards, group_process_group,
                                 vocab_process_group, beta, temperature, build_args)
-    return _LinearAcrossRanks.apply(hidden, weight, bias, impl, lay, ranks, float(beta), float(temperature))
+    stats_impl = ops._entropy_backend(impl, backend, "linear_token_stats_forward") if entropy else None
+    return _LinearAcrossRanks.apply(hidden, weight, bias, impl, stats_impl, lay, ranks, float(beta),
+                                    float(temperature))
 
 
 def _prepare(local_vocab: int, device, backend: str, labels, rewards, group_pg, vocab_pg, beta, temperature,
@@ -189,21 +193,29 @@ def _all_gather_ints(values, group, device):
 # the two exchanges of the math
 
 
-def combine_vocab_slices(token_logprob, lse, target, group):
-    """Per-token (label logit - lse, lse) of this rank's slice -> the same over the whole vocabulary.
+def combine_vocab_slices(token_logprob, lse, token_entropy, target, group):
+    """Per-token (label logit - lse, lse, entropy or None) of this rank's slice -> the same over the whole
+    vocabulary.
 
     ``target`` is local: -1 not scored, >= V_local for a label in another slice (whose logit this slice counts as
-    0, so that summing the label logits over the slices gives the label's own).
+    0, so that summing the label logits over the slices gives the label's own). The entropy of the whole
+    softmax from the slices' (lse_r, H_r): with w_r = exp(lse_r - lse) the slice's share of the mass,
+    H = sum_r w_r (H_r + lse - lse_r), a sum of non-negative terms (sum_r w_r = 1).
     """
     scored = target >= 0
-    label_logit = torch.where(scored, token_logprob + lse, torch.zeros_like(lse))
-    local = torch.stack([lse, label_logit])
+    zero = torch.zeros_like(lse)
+    label_logit = torch.where(scored, token_logprob + lse, zero)
+    local = torch.stack([lse, label_logit] + ([] if token_entropy is None else [token_entropy]))
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, local, group=group)
-    stacked = torch.stack(everyone)  # (world, 2, N)
+    stacked = torch.stack(everyone)  # (world, 2 or 3, N)
     full_lse = torch.logsumexp(stacked[:, 0], dim=0)
     full_label = stacked[:, 1].sum(dim=0)
-    return torch.where(scored, full_label - full_lse, torch.zeros_like(full_lse)), full_lse
+    full_entropy = None
+    if token_entropy is not None:
+        share = torch.exp(stacked[:, 0] - full_lse)
+        full_entropy = torch.where(scored, (share * (stacked[:, 2] + full_lse - stacked[:, 0])).sum(0), zero)
+    return torch.where(scored, full_label - full_lse, zero), full_lse, full_entropy
 
 
 def group_stage_across_ranks(token_logprob, lay: Layout, beta: float, ranks: Ranks):
@@ -228,28 +240,31 @@ def group_stage_across_ranks(token_logprob, lay: Layout, beta: float, ranks: Ran
     return (loss * scale).float(), seq_logprob, implicit_reward, grad_seq_logprob.float()
 
 
-def _token_stats(impl, lay: Layout, ranks: Ranks, beta: float, token_logprob, lse):
-    """Token stage outputs of this rank -> the full-vocabulary ones, then the group stage (across ranks or not)."""
+def _token_stats(impl, lay: Layout, ranks: Ranks, beta: float, token_logprob, lse, token_entropy):
+    """Token stage outputs of this rank -> the full-vocabulary ones, then the group stage (across ranks or not):
+    (loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy), lse."""
     if ranks.vocab_pg is not None:
-        token_logprob, lse = combine_vocab_slices(token_logprob, lse, lay.target, ranks.vocab_pg)
+        token_logprob, lse, token_entropy = combine_vocab_slices(token_logprob, lse, token_entropy, lay.target,
+                                                                 ranks.vocab_pg)
     if ranks.group_pg is not None:
         stats = group_stage_across_ranks(token_logprob, lay, beta, ranks)
     else:
         stats = impl.group_stage(token_logprob, lay, beta)
-    return stats, lse
+    return (*stats, ops._seq_entropy(token_entropy, lay)), lse
 
 
 class _LogitsAcrossRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, impl, lay, ranks, beta, temperature):
+    def forward(ctx, logits, impl, stats_impl, lay, ranks, beta, temperature):
+        """``stats_impl``: the backend whose token_stats_forward also gives the entropy, or None for none."""
         rows = layout.as_rows(logits)
-        token_logprob, lse = impl.token_forward(rows, lay.target, temperature)
-        (loss, seq_logprob, implicit_reward, grad_seq), lse = _token_stats(impl, lay, ranks, beta, token_logprob,
-                                                                           lse)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq)
+        token_logprob, lse, token_entropy = ops.token_pass(stats_impl or impl, rows, lay.target, temperature,
+                                                           stats_impl is not None)
+        (loss, *stats), lse = _token_stats(impl, lay, ranks, beta, token_logprob, lse, token_entropy)
+        ctx.mark_non_differentiable(*stats)
         ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, logits.shape
-        ctx.save_for_backward(rows, lse, grad_seq)
-        return loss, seq_logprob, implicit_reward, grad_seq
+        ctx.save_for_backward(rows, lse, stats[2])
+        return (loss, *stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -257,21 +272,21 @@ class _LogitsAcrossRanks(torch.autograd.Function):
         rows, lse, grad_seq = ctx.saved_tensors
         grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
         ctx.impl.token_backward(rows, ctx.lay, lse, grad_seq, grad_loss, ctx.temperature, out=grad)
-        return grad.reshape(ctx.shape), None, None, None, None, None
+        return grad.reshape(ctx.shape), None, None, None, None, None, None
 
 
 class _LinearAcrossRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, impl, lay, ranks, beta, temperature):
+    def forward(ctx, hidden, weight, bias, impl, stats_impl, lay, ranks, beta, temperature):
         rows = layout.as_rows(hidden)
         weight, bias = ops.head_for_kernels(weight, bias)
-        token_logprob, lse = impl.linear_forward(rows, weight, bias, lay.target, temperature)
-        (loss, seq_logprob, implicit_reward, grad_seq), lse = _token_stats(impl, lay, ranks, beta, token_logprob,
-                                                                           lse)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq)
+        token_logprob, lse, token_entropy = ops.linear_token_pass(stats_impl or impl, rows, weight, bias, lay.target,
+                                                                  temperature, stats_impl is not None)
+        (loss, *stats), lse = _token_stats(impl, lay, ranks, beta, token_logprob, lse, token_entropy)
+        ctx.mark_non_differentiable(*stats)
         ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, hidden.shape
-        ctx.save_for_backward(rows, weight, bias, lse, grad_seq)
-        return loss, seq_logprob, implicit_reward, grad_seq
+        ctx.save_for_backward(rows, weight, bias, lse, stats[2])
+        return (loss, *stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -279,4 +294,4 @@ class _LinearAcrossRanks(torch.autograd.Function):
         rows, weight, bias, lse, grad_seq = ctx.saved_tensors
         d_hidden, d_weight, d_bias = ctx.impl.linear_backward(rows, weight, bias, ctx.lay, lse, grad_seq, grad_loss,
                                                               ctx.temperature)
-        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None, None, None
+        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None, None, None, None

@@ -69,7 +69,8 @@ def gvpo_loss(
         inplace_backward: write dL/dlogits into the logits' storage during the forward, so no second N x V buffer
             exists. The logits are then consumed: their values are overwritten by the gradient. Eager mode only:
             under torch.compile the gradient gets a buffer of its own.
-        return_stats: also return a :class:`GVPOStats` of per-sequence s_i, r_i and dL/ds_i (detached).
+        return_stats: also return a :class:`GVPOStats` of per-sequence s_i, r_i, dL/ds_i and the mean token entropy
+            (detached), the entropy from the same pass over the logits as the log-probs.
         group_process_group: a torch.distributed process group over which the sequences of a group are spread;
             each rank passes its own sequences with global ``group_ids``. The loss is then the global one.
         vocab_process_group: a process group over which the vocabulary is split in contiguous slices, rank order:
@@ -102,12 +103,12 @@ def gvpo_loss(
             group_process_group=group_process_group, vocab_process_group=vocab_process_group,
             inplace_backward=inplace_backward, beta=beta, temperature=temperature, group_size=group_size,
             group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs,
-            ignore_index=ignore_index, reduction=reduction)
+            ignore_index=ignore_index, reduction=reduction, entropy=return_stats)
         return (stats[0], GVPOStats(*stats[1:])) if return_stats else stats[0]
     loss, *stats = ops.gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
                                  cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta,
                                  temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                                 backend=backend, inplace_backward=inplace_backward)
+                                 backend=backend, inplace_backward=inplace_backward, entropy=return_stats)
     return (loss, GVPOStats(*stats)) if return_stats else loss
 
 
@@ -168,12 +169,13 @@ def linear_gvpo_loss(
             hidden, weight, bias, labels, rewards, backend=backend,
             group_process_group=group_process_group, vocab_process_group=vocab_process_group, beta=beta,
             temperature=temperature, group_size=group_size, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
-            ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction)
+            ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction, entropy=return_stats)
         return (stats[0], GVPOStats(*stats[1:])) if return_stats else stats[0]
     loss, *stats = ops.linear_gvpo_loss(hidden, weight, bias, labels, rewards, group_size=group_size,
                                         group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
                                         ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
-                                        reduction=reduction, ignore_index=ignore_index, backend=backend)
+                                        reduction=reduction, ignore_index=ignore_index, backend=backend,
+                                        entropy=return_stats)
     return (loss, GVPOStats(*stats)) if return_stats else loss
 
 

@@ -32,11 +32,15 @@ class GVPOStats(NamedTuple):
     seq_logprob:      s_i, the sum of the scored tokens' log-probs under the policy
     implicit_reward:  r_i = beta * (s_i - a_i)
     grad_seq_logprob: dL/ds_i, the coefficient that scales each token's (onehot - softmax) in the backward
+    entropy:          the mean over the sequence's scored tokens of the policy's entropy at each of them,
+                      -sum_v p_v log p_v of softmax(logits / T), in nats (0 for a sequence with no scored token);
+                      from the loss's own pass over the logits (one more running sum)
     """
 
     seq_logprob: torch.Tensor
     implicit_reward: torch.Tensor
     grad_seq_logprob: torch.Tensor
+    entropy: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """The two losses' autograd: eager autograd.Functions, and torch.library custom ops (namespace ``gvpo``) that
 torch.compile traces as single nodes. Both run the same implementation functions below.
 
-    gvpo::gvpo_loss(logits, labels, rewards, ...)         -> loss, s, r, dL/ds (S,), lse, target, token_seq (N,)
+    gvpo::gvpo_loss(logits, labels, rewards, ..., entropy)
+                                       -> loss, s, r, dL/ds (S,), mean entropy (S,) or (0,), lse, target, token_seq (N,)
     gvpo::gvpo_loss_backward(logits, target, token_seq, lse, dL/ds, grad_loss, ...)          -> dL/dlogits
-    gvpo::linear_gvpo_loss(hidden, weight, bias, labels, rewards, ...)
-                                                          -> loss, s, r, dL/ds, d_hidden, d_weight, d_bias
+    gvpo::linear_gvpo_loss(hidden, weight, bias, labels, rewards, ..., entropy)
+                                       -> loss, s, r, dL/ds, mean entropy, d_hidden, d_weight, d_bias
 
 Eager calls go through plain autograd.Functions (:class:`_LogitsLoss`, :class:`_InplaceLogitsLoss`,
 :class:`_LinearLoss`): calling a custom op imports torch's compile machinery (sympy, fake tensors: ~900 modules,
@@ -42,8 +43,9 @@ from .layout import Layout
 
 
 def gvpo_loss(logits, labels, rewards, *, group_size, group_ids, mask, cu_seqlens, ref_logprobs, beta, temperature,
-              reduction, ignore_index, backend, inplace_backward):
-    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) of the logits path (see functional.gvpo_loss).
+              reduction, ignore_index, backend, inplace_backward, entropy):
+    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) and seq_entropy ((S,) with ``entropy``, else
+    (0,)) of the logits path (see functional.gvpo_loss).
 
     With ``inplace_backward`` in eager mode the gradient is written over the logits during the forward
     (:class:`_InplaceLogitsLoss`); under torch.compile, where the compiler owns the buffers, the op path runs.
@@ -51,29 +53,28 @@ def gvpo_loss(logits, labels, rewards, *, group_size, group_ids, mask, cu_seqlen
     _check_kinds(logits.device, group_size, rewards=rewards, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
                  ref_logprobs=ref_logprobs)
     args = (labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, _int_or_none(group_size), float(beta),
-            float(temperature), reduction, int(ignore_index), backend)
+            float(temperature), reduction, int(ignore_index), backend, bool(entropy))
     if torch.compiler.is_compiling():
-        loss, seq_logprob, implicit_reward, grad_seq_logprob, *_ = logits_loss_op(logits, *args)
-        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+        return logits_loss_op(logits, *args)[:5]
     if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
         return _InplaceLogitsLoss.apply(logits, *args)
     return _LogitsLoss.apply(logits, *args)
 
 
 def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, group_size, group_ids, mask, cu_seqlens, ref_logprobs,
-                     beta, temperature, reduction, ignore_index, backend):
-    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) of the linear path (see
-    functional.linear_gvpo_loss). The gradients that will be needed are computed in the forward."""
+                     beta, temperature, reduction, ignore_index, backend, entropy):
+    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) and seq_entropy ((S,) with ``entropy``, else
+    (0,)) of the linear path (see functional.linear_gvpo_loss). The gradients that will be needed are computed in
+    the forward."""
     _check_kinds(hidden.device, group_size, rewards=rewards, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
                  ref_logprobs=ref_logprobs)
     grad_on = torch.is_grad_enabled()
     args = (hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs,
             _int_or_none(group_size), float(beta), float(temperature), reduction, int(ignore_index), backend,
             grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-            grad_on and bias is not None and bias.requires_grad)
+            grad_on and bias is not None and bias.requires_grad, bool(entropy))
     if torch.compiler.is_compiling():
-        loss, seq_logprob, implicit_reward, grad_seq_logprob, *_ = linear_loss_op(*args)
-        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+        return linear_loss_op(*args)[:5]
     return _LinearLoss.apply(*args)
 
 
@@ -148,17 +149,33 @@ def _backend_for(name: str, device: torch.device, num_tokens: int, num_seqs: int
 
 
 def _logits_forward(logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
-                    temperature, reduction, ignore_index, backend):
-    """The forward of the logits path -> (loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, Layout, rows,
-    backend); ``rows`` is the (B', T', V) view of the logits that the backend read (layout.as_rows)."""
+                    temperature, reduction, ignore_index, backend, entropy):
+    """The forward of the logits path -> (loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, lse,
+    Layout, rows, backend); ``rows`` is the (B', T', V) view of the logits that the backend read
+    (layout.as_rows); seq_entropy is (0,) unless ``entropy``, from the same pass as the lse."""
     lay = _layout(logits.shape[-1], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
                   reduction, ignore_index)
     impl = _backend_for(backend, logits.device, lay.num_tokens, lay.num_seqs)
     rows = layout.as_rows(logits)
     with _own_precision(logits.device):
-        token_logprob, lse = impl.token_forward(rows, lay.target, temperature)
+        token_logprob, lse, token_entropy = token_pass(_loss_entropy_backend(impl, backend, entropy), rows,
+                                                       lay.target, temperature, entropy)
         loss, seq_logprob, implicit_reward, grad_seq_logprob = impl.group_stage(token_logprob, lay, beta)
-    return loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, rows, impl
+    seq_entropy = _seq_entropy(token_entropy, lay)
+    return loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, lse, lay, rows, impl
+
+
+def _loss_entropy_backend(impl, name: str, entropy: bool):
+    """The backend whose forward gives the loss's token statistics: ``impl``, or with ``entropy`` the one
+    :func:`_entropy_backend` picks."""
+    return _entropy_backend(impl, name, "token_stats_forward") if entropy else impl
+
+
+def _seq_entropy(token_entropy, lay: Layout):
+    """GVPOStats.entropy: (S,) mean over each sequence's scored tokens, or (0,) when not asked for."""
+    if token_entropy is None:
+        return torch.zeros(0, dtype=torch.float32, device=lay.target.device)
+    return seq_mean(token_entropy, lay)
 
 
 def _logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, temperature, backend):
@@ -187,15 +204,15 @@ class _LogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
-                temperature, reduction, ignore_index, backend):
-        loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, *_ = _logits_forward(
+                temperature, reduction, ignore_index, backend, entropy):
+        loss, *stats, lse, lay, _, _ = _logits_forward(
             logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature,
-            reduction, ignore_index, backend)
+            reduction, ignore_index, backend, entropy)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob)
-        ctx.save_for_backward(logits, lse, lay.target, lay.token_seq, grad_seq_logprob)
+        ctx.mark_non_differentiable(*stats)
+        ctx.save_for_backward(logits, lse, lay.target, lay.token_seq, stats[2])
         ctx.temperature, ctx.backend = temperature, backend
-        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+        return (loss, *stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -207,10 +224,10 @@ def _logits_grads(ctx, grad_loss, logits_backward):
     saved (logits, lse, target, token_seq, grad_seq_logprob)."""
     no_double_backward("gvpo_loss")
     if grad_loss is None:
-        return (None,) * 13
+        return (None,) * 14
     logits, lse, target, token_seq, grad_seq_logprob = ctx.saved_tensors
     grad = logits_backward(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, ctx.temperature, ctx.backend)
-    return (grad,) + (None,) * 12
+    return (grad,) + (None,) * 13
 
 
 class _InplaceLogitsLoss(torch.autograd.Function):
@@ -225,21 +242,22 @@ class _InplaceLogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
-                temperature, reduction, ignore_index, backend):
+                temperature, reduction, ignore_index, backend, entropy):
         if layout.has_overlap(layout.as_rows(logits)):
             raise ValueError("inplace_backward=True needs logits whose elements do not share memory (these are an "
                              "expanded or overlapping view); pass logits.contiguous() or inplace_backward=False")
-        loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, rows, impl = _logits_forward(
+        loss, *stats, lse, lay, rows, impl = _logits_forward(
             logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature,
-            reduction, ignore_index, backend)
+            reduction, ignore_index, backend, entropy)
+        grad_seq_logprob = stats[2]
         stored_scale = _float16_headroom(grad_seq_logprob, temperature, rows.dtype)
         with _own_precision(logits.device):
             impl.token_backward(rows, lay, lse, grad_seq_logprob, stored_scale, temperature, out=rows)
         torch.autograd.graph.increment_version(logits)
-        ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob)
+        ctx.mark_non_differentiable(*stats)
         # not save_for_backward: its logits were overwritten on purpose
         ctx.grad_rows, ctx.shape, ctx.stored_scale = rows, logits.shape, stored_scale
-        return loss, seq_logprob, implicit_reward, grad_seq_logprob
+        return (loss, *stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -250,7 +268,7 @@ class _InplaceLogitsLoss(torch.autograd.Function):
         scale = grad_loss.float() / ctx.stored_scale
         if grad.device.type != "cpu" or scale.item() != 1.0:
             grad.mul_(scale)
-        return (grad.reshape(ctx.shape),) + (None,) * 12
+        return (grad.reshape(ctx.shape),) + (None,) * 13
 
 
 def _float16_headroom(grad_seq_logprob, temperature: float, dtype) -> Tensor:
@@ -276,29 +294,31 @@ def _float16_headroom(grad_seq_logprob, temperature: float, dtype) -> Tensor:
 def logits_loss_op(logits: Tensor, labels: Tensor, rewards: Tensor, group_ids: Optional[Tensor],
                    mask: Optional[Tensor], cu_seqlens: Optional[Tensor], ref_logprobs: Optional[Tensor],
                    group_size: Optional[int], beta: float, temperature: float, reduction: str, ignore_index: int,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) float32, and for the backward lse (N,) float32,
-    target and token_seq (N,) int64."""
-    loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay, *_ = _logits_forward(
+                   backend: str, entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                         Tensor]:
+    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) float32, seq_entropy ((S,) or (0,)), and for
+    the backward lse (N,) float32, target and token_seq (N,) int64."""
+    loss, *stats, lse, lay, _, _ = _logits_forward(
         logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature, reduction,
-        ignore_index, backend)
-    return loss, seq_logprob, implicit_reward, grad_seq_logprob, lse, lay.target, lay.token_seq
+        ignore_index, backend, entropy)
+    return loss, *stats, lse, lay.target, lay.token_seq
 
 
 @logits_loss_op.register_fake
 def _(logits, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature, reduction,
-      ignore_index, backend):
+      ignore_index, backend, entropy):
     num_seqs, num_tokens = _num_seqs(labels, cu_seqlens), labels.numel()
     f32, i64 = dict(dtype=torch.float32), dict(dtype=torch.int64)
     per_seq = [logits.new_empty((num_seqs,), **f32) for _ in range(3)]
-    return (logits.new_empty((), **f32), *per_seq, logits.new_empty((num_tokens,), **f32),
-            logits.new_empty((num_tokens,), **i64), logits.new_empty((num_tokens,), **i64))
+    return (logits.new_empty((), **f32), *per_seq, logits.new_empty((num_seqs if entropy else 0,), **f32),
+            logits.new_empty((num_tokens,), **f32), logits.new_empty((num_tokens,), **i64),
+            logits.new_empty((num_tokens,), **i64))
 
 
 def _logits_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no zeros for them
-    _, seq_logprob, implicit_reward, grad_seq_logprob, lse, target, token_seq = output
-    ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob, lse, target, token_seq)
+    _, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, lse, target, token_seq = output
+    ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, lse, target, token_seq)
     ctx.save_for_backward(inputs[0], lse, target, token_seq, grad_seq_logprob)
     ctx.temperature, ctx.backend = inputs[9], inputs[12]
 
@@ -326,18 +346,22 @@ def _(logits, target, token_seq, lse, grad_seq_logprob, grad_loss, temperature, 
 # the linear path: implementation
 
 
-def linear_stages(impl, rows, weight, bias, lay: Layout, beta: float, temperature: float, needs):
+def linear_stages(impl, rows, weight, bias, lay: Layout, beta: float, temperature: float, needs, entropy=False):
     """The linear path on one backend: loss, seq_logprob, implicit_reward, grad_seq_logprob, and for grad_loss = 1
-    d_hidden (B', T', H), d_weight (V, H), d_bias (V,), each None where ``needs`` (three booleans) says so."""
+    d_hidden (B', T', H), d_weight (V, H), d_bias (V,), each None where ``needs`` (three booleans) says so, then
+    token_entropy (N,) from the same forward with ``entropy``, else None."""
     if hasattr(impl, "linear_loss_and_grads"):  # the backend picks its own GEMM schedule
-        return impl.linear_loss_and_grads(rows, weight, bias, lay, beta, temperature, needs)
-    token_logprob, lse = impl.linear_forward(rows, weight, bias, lay.target, temperature)
+        if entropy:
+            return impl.linear_loss_and_grads(rows, weight, bias, lay, beta, temperature, needs, entropy=True)
+        return (*impl.linear_loss_and_grads(rows, weight, bias, lay, beta, temperature, needs), None)
+    token_logprob, lse, token_entropy = linear_token_pass(impl, rows, weight, bias, lay.target, temperature,
+                                                          entropy)
     loss, *stats = impl.group_stage(token_logprob, lay, beta)
     if not any(needs):
-        return loss, *stats, None, None, None
+        return loss, *stats, None, None, None, token_entropy
     ones = torch.ones((), dtype=torch.float32, device=rows.device)
     grads = impl.linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature)
-    return (loss, *stats, *(d if need else None for d, need in zip(grads, needs)))
+    return (loss, *stats, *(d if need else None for d, need in zip(grads, needs)), token_entropy)
 
 
 def head_for_kernels(weight, bias):
@@ -348,20 +372,23 @@ def head_for_kernels(weight, bias):
 
 
 def _linear_forward(hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
-                    beta, temperature, reduction, ignore_index, backend, needs):
-    """loss, seq_logprob, implicit_reward, grad_seq_logprob, and the gradients ``needs`` asks for (None where not),
-    for grad_loss = 1: d_hidden (hidden's shape and dtype), d_weight (V, H), d_bias (V,)."""
+                    beta, temperature, reduction, ignore_index, backend, needs, entropy):
+    """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy ((S,) with ``entropy``, else (0,)), and
+    the gradients ``needs`` asks for (None where not), for grad_loss = 1: d_hidden (hidden's shape and dtype),
+    d_weight (V, H), d_bias (V,)."""
     lay = _layout(weight.shape[0], labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
                   reduction, ignore_index)
     needs = (needs[0], needs[1], needs[2] and bias is not None)
     impl = _backend_for(backend, hidden.device, lay.num_tokens, lay.num_seqs)
+    if entropy and not hasattr(impl, "linear_loss_and_grads"):
+        impl = _entropy_backend(impl, backend, "linear_token_stats_forward")
     weight, bias = head_for_kernels(weight, bias)
     with _own_precision(hidden.device):
-        loss, *stats, d_hidden, d_weight, d_bias = linear_stages(impl, layout.as_rows(hidden), weight, bias, lay,
-                                                                 beta, temperature, needs)
+        loss, *stats, d_hidden, d_weight, d_bias, token_entropy = linear_stages(
+            impl, layout.as_rows(hidden), weight, bias, lay, beta, temperature, needs, entropy)
     if d_hidden is not None:
         d_hidden = d_hidden.reshape(hidden.shape)
-    return (loss, *stats, d_hidden, d_weight, d_bias)
+    return (loss, *stats, _seq_entropy(token_entropy, lay), d_hidden, d_weight, d_bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,10 +402,10 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size,
-                beta, temperature, reduction, ignore_index, backend, grad_hidden, grad_weight, grad_bias):
+                beta, temperature, reduction, ignore_index, backend, grad_hidden, grad_weight, grad_bias, entropy):
         loss, *stats, d_hidden, d_weight, d_bias = _linear_forward(
             hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
-            temperature, reduction, ignore_index, backend, (grad_hidden, grad_weight, grad_bias))
+            temperature, reduction, ignore_index, backend, (grad_hidden, grad_weight, grad_bias), entropy)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*stats)
         ctx.grads = (d_hidden, d_weight, d_bias)
@@ -389,10 +416,10 @@ class _LinearLoss(torch.autograd.Function):
         grads = _hand_out_once(ctx, "grads", "linear_gvpo_loss", "its gradients are computed in the forward and the "
                                "first backward handed them out")
         if grad_loss is None:
-            return (None,) * 18
+            return (None,) * 19
         if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
             grads = [None if d is None else d.mul_(grad_loss) for d in grads]
-        return (*grads,) + (None,) * 15
+        return (*grads,) + (None,) * 16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,12 +431,14 @@ def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
                    group_ids: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
                    ref_logprobs: Optional[Tensor], group_size: Optional[int], beta: float, temperature: float,
                    reduction: str, ignore_index: int, backend: str, grad_hidden: bool, grad_weight: bool,
-                   grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) float32, and the gradients asked for, for
-    grad_loss = 1: d_hidden (hidden's shape and dtype), d_weight (V, H), d_bias (V,); (0,) where not asked for."""
+                   grad_bias: bool, entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                            Tensor]:
+    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) float32, seq_entropy ((S,) or (0,)), and the
+    gradients asked for, for grad_loss = 1: d_hidden (hidden's shape and dtype), d_weight (V, H), d_bias (V,); (0,)
+    where not asked for."""
     loss, *stats, d_hidden, d_weight, d_bias = _linear_forward(
         hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta,
-        temperature, reduction, ignore_index, backend, (grad_hidden, grad_weight, grad_bias))
+        temperature, reduction, ignore_index, backend, (grad_hidden, grad_weight, grad_bias), entropy)
     grads = [like.new_empty((0,)) if d is None else d
              for d, like in zip((d_hidden, d_weight, d_bias), (hidden, weight, weight))]
     return (loss, *stats, *grads)
@@ -417,9 +446,9 @@ def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], label
 
 @linear_loss_op.register_fake
 def _(hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs, group_size, beta, temperature,
-      reduction, ignore_index, backend, grad_hidden, grad_weight, grad_bias):
+      reduction, ignore_index, backend, grad_hidden, grad_weight, grad_bias, entropy):
     num_seqs = _num_seqs(labels, cu_seqlens)
-    per_seq = [hidden.new_empty((num_seqs,), dtype=torch.float32) for _ in range(3)]
+    per_seq = [hidden.new_empty((n,), dtype=torch.float32) for n in (num_seqs,) * 3 + (num_seqs if entropy else 0,)]
     grads = [like.new_empty(shape if need else (0,)) for like, shape, need in
              ((hidden, hidden.shape, grad_hidden), (weight, weight.shape, grad_weight),
               (weight, weight.shape[:1], grad_bias and bias is not None))]
@@ -429,7 +458,7 @@ def _(hidden, weight, bias, labels, rewards, group_ids, mask, cu_seqlens, ref_lo
 def _linear_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs other than the loss
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[4:])
+    ctx.save_for_backward(*output[5:])
     ctx.needs = inputs[15:18]
 
 
@@ -437,9 +466,9 @@ def _linear_op_backward(ctx, grad_loss, *_):
     """Traced: the saved gradients times grad_loss, out of place (the compiler plans the buffers)."""
     no_double_backward("linear_gvpo_loss")
     if grad_loss is None:
-        return (None,) * 18
+        return (None,) * 19
     grads = [d * grad_loss if need else None for d, need in zip(ctx.saved_tensors, ctx.needs)]
-    return (*grads,) + (None,) * 15
+    return (*grads,) + (None,) * 16
 
 
 linear_loss_op.register_autograd(_linear_op_backward, setup_context=_linear_setup_context)
@@ -465,17 +494,56 @@ def linear_token_stats(hidden, weight, bias, labels, *, mask, cu_seqlens, temper
                                    int(ignore_index), backend, bool(entropy))
 
 
-def _stats_backend(name: str, device, entropy: bool, num_tokens: int):
+def _stats_backend(name: str, device, entropy: bool, num_tokens: int, kernel: str):
     """The backend for token statistics. Log-probs alone run on every backend's loss kernels (each token its own
-    "sequence"); entropy needs the torch backend's chunked pass until the kernels carry the extra running sum, so
-    "auto" takes it there and "triton" / "cpu" say so."""
+    "sequence"); entropy runs on the backend's ``kernel`` (token_stats_forward or linear_token_stats_forward),
+    the same streaming pass with one more running sum."""
     impl = _backend_for(name, device, num_tokens, 1)
-    if entropy and impl is not torch_impl:
-        if name != "auto":
-            raise RuntimeError(f"backend={name!r} has no entropy kernel yet: token_logprobs(return_entropy=True) "
-                               "runs on backend='torch' (chunked, any device) or 'auto', which picks it")
-        return torch_impl
-    return impl
+    return _entropy_backend(impl, name, kernel) if entropy else impl
+
+
+def _entropy_backend(impl, name: str, kernel: str):
+    """``impl`` when it has the entropy ``kernel``; else, for "auto", the torch backend (chunked, any device)."""
+    if hasattr(impl, kernel):
+        return impl
+    if name != "auto":
+        raise RuntimeError(f"backend={name!r} has no entropy kernel ({kernel}) in this build; backend='torch' or "
+                           "'auto' computes the entropy with the chunked torch pass")
+    return torch_impl
+
+
+def stat_coefs(target, grad_logprob, grad_entropy, temperature: float):
+    """(N,) float32 coefficients of each token's log-prob and entropy gradients: the upstream gradients (labels'
+    shape, or None for 0) / T, 0 where not scored; what the backends' token_stats_backward take."""
+    zero = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
+    coefs = []
+    for g in (grad_logprob, grad_entropy):
+        c = zero if g is None else g.reshape(-1).float() / temperature
+        coefs.append(torch.where(target >= 0, c, zero).contiguous())
+    return coefs
+
+
+def seq_mean(token_values, lay: Layout):
+    """(S,) float32 mean of ``token_values`` (N,) over each sequence's scored tokens (0 for a sequence with none)."""
+    scored = (lay.target >= 0).float()
+    sums = torch.zeros((2, lay.num_seqs), dtype=torch.float32, device=token_values.device)
+    sums[0].index_add_(0, lay.token_seq, token_values * scored)
+    sums[1].index_add_(0, lay.token_seq, scored)
+    return sums[0] / sums[1].clamp(min=1)
+
+
+def token_pass(impl, rows, target, temperature: float, entropy: bool):
+    """The logits path's forward: token_logprob, lse and (with ``entropy``) token_entropy (N,), else None."""
+    if entropy:
+        return impl.token_stats_forward(rows, target, temperature)
+    return (*impl.token_forward(rows, target, temperature), None)
+
+
+def linear_token_pass(impl, rows, weight, bias, target, temperature: float, entropy: bool):
+    """The linear path's forward without gradients: as :func:`token_pass`."""
+    if entropy:
+        return impl.linear_token_stats_forward(rows, weight, bias, target, temperature)
+    return (*impl.linear_forward(rows, weight, bias, target, temperature), None)
 
 
 def _per_token_layout(target) -> Layout:
@@ -494,13 +562,10 @@ class _TokenStats(torch.autograd.Function):
     def forward(ctx, logits, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
         target = layout.token_targets(labels, vocab_size=logits.shape[-1], mask=mask, cu_seqlens=cu_seqlens,
                                       ignore_index=ignore_index)
-        impl = _stats_backend(backend, logits.device, entropy, target.numel())
+        impl = _stats_backend(backend, logits.device, entropy, target.numel(), "token_stats_forward")
         rows = layout.as_rows(logits)
         with _own_precision(logits.device):
-            if entropy:
-                token_logprob, lse, token_entropy = impl.token_stats_forward(rows, target, temperature)
-            else:
-                (token_logprob, lse), token_entropy = impl.token_forward(rows, target, temperature), None
+            token_logprob, lse, token_entropy = token_pass(impl, rows, target, temperature, entropy)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, target, lse, token_entropy)
         ctx.impl, ctx.temperature = impl, temperature
@@ -516,8 +581,8 @@ class _TokenStats(torch.autograd.Function):
         grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
         with _own_precision(logits.device):
             if token_entropy is not None:
-                ctx.impl.token_stats_backward(rows, target, lse, token_entropy, grad_logprob, grad_entropy,
-                                              ctx.temperature, out=grad)
+                coefs = stat_coefs(target, grad_logprob, grad_entropy, ctx.temperature)
+                ctx.impl.token_stats_backward(rows, target, lse, token_entropy, *coefs, ctx.temperature, out=grad)
             else:
                 ones = torch.ones((), dtype=torch.float32, device=rows.device)
                 ctx.impl.token_backward(rows, _per_token_layout(target), lse, grad_logprob.reshape(-1).float(),
@@ -532,16 +597,12 @@ class _LinearTokenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
         target = layout.token_targets(labels, vocab_size=weight.shape[0], mask=mask, cu_seqlens=cu_seqlens,
                                       ignore_index=ignore_index)
-        impl = _stats_backend(backend, hidden.device, entropy, target.numel())
+        impl = _stats_backend(backend, hidden.device, entropy, target.numel(), "linear_token_stats_forward")
         rows = layout.as_rows(hidden)
         weight, bias = head_for_kernels(weight, bias)
         with _own_precision(hidden.device):
-            if entropy:
-                token_logprob, lse, token_entropy = impl.linear_token_stats_forward(rows, weight, bias, target,
-                                                                                    temperature)
-            else:
-                (token_logprob, lse), token_entropy = impl.linear_forward(rows, weight, bias, target,
-                                                                          temperature), None
+            token_logprob, lse, token_entropy = linear_token_pass(impl, rows, weight, bias, target, temperature,
+                                                                  entropy)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(rows, weight, bias, target, lse, token_entropy)
         ctx.impl, ctx.temperature, ctx.hidden_shape = impl, temperature, hidden.shape
@@ -555,8 +616,9 @@ class _LinearTokenStats(torch.autograd.Function):
             return (None,) * 10
         with _own_precision(rows.device):
             if token_entropy is not None:
-                grads = ctx.impl.linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy,
-                                                             grad_logprob, grad_entropy, ctx.temperature)
+                coefs = stat_coefs(target, grad_logprob, grad_entropy, ctx.temperature)
+                grads = ctx.impl.linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, *coefs,
+                                                             ctx.temperature)
             else:
                 ones = torch.ones((), dtype=torch.float32, device=rows.device)
                 grads = ctx.impl.linear_backward(rows, weight, bias, _per_token_layout(target), lse,
@@ -617,7 +679,10 @@ def select_backend(name: str, device: torch.device):
 def _triton_backend():
     from .triton import group, linear, logprob
 
-    return SimpleNamespace(token_forward=logprob.token_forward, group_stage=group.group_stage,
-                           token_backward=logprob.token_backward, linear_forward=linear.linear_forward,
-                           linear_backward=linear.linear_backward,
-                           linear_loss_and_grads=linear.linear_loss_and_grads)
+    kernels = dict(group_stage=group.group_stage)
+    for module, names in ((logprob, ("token_forward", "token_backward", "token_stats_forward",
+                                     "token_stats_backward")),
+                          (linear, ("linear_forward", "linear_backward", "linear_loss_and_grads",
+                                    "linear_token_stats_forward", "linear_token_stats_backward"))):
+        kernels.update((name, getattr(module, name)) for name in names if hasattr(module, name))
+    return SimpleNamespace(**kernels)

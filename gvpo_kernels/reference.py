@@ -75,8 +75,17 @@ def gvpo_loss(
         seq_logprob=seq_logprob.detach().float(),
         implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
         grad_seq_logprob=grad_s.float(),
+        entropy=_mean_entropy(logprobs, scored, cu_seqlens).float(),
     )
     return loss, stats
+
+
+def _mean_entropy(logprobs, scored, cu_seqlens):
+    """(S,) mean over each sequence's scored tokens of -sum_v p_v log p_v (0 for a sequence with none)."""
+    probs = logprobs.detach().exp()
+    entropy = -(probs * logprobs.detach().masked_fill(probs == 0, 0.0)).sum(-1)
+    count = _per_sequence_sums(scored.to(entropy.dtype), cu_seqlens)
+    return _per_sequence_sums(torch.where(scored, entropy, torch.zeros_like(entropy)), cu_seqlens) / count.clamp(min=1)
 
 
 def _scored_logprobs(logprobs, labels, mask, ignore_index):

@@ -15,6 +15,15 @@ functions below are the backend interface that :mod:`gvpo_kernels.functional` dr
     linear_backward(rows, weight, bias, lay, lse, grad_seq_logprob, grad_loss, temperature)
                                                          -> d_hidden (B', T', H), d_weight (V, H), d_bias (V,)
 
+and, for the token statistics with entropy (every backend has them; ops.py computes the coefficients, the
+upstream gradients / T, 0 where not scored):
+
+    token_stats_forward(rows, target, temperature)       -> token_logprob, lse, token_entropy (N,)
+    token_stats_backward(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature, out)
+    linear_token_stats_forward(rows, weight, bias, target, temperature)   -> as token_stats_forward
+    linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, coef_logprob, coef_entropy,
+                                temperature)             -> d_hidden, d_weight, d_bias
+
 ``rows`` is the (B', T', D) view of the logits (D = V) or hidden states (D = H) from
 :func:`gvpo_kernels.layout.as_rows`: flat token n is row (n // T', n % T').
 
@@ -223,16 +232,6 @@ def _token_stats_grad_(z, lse, entropy, coef_logprob, coef_entropy, target):
     return p.masked_fill_((target < 0).unsqueeze(1), 0.0)
 
 
-def _stat_coefs(target, grad_logprob, grad_entropy, temperature: float):
-    """(N,) float32 coefficients of each token's logprob and entropy gradients, / T, 0 where not scored."""
-    zero = torch.zeros(target.shape, dtype=torch.float32, device=target.device)
-    coefs = []
-    for g in (grad_logprob, grad_entropy):
-        c = zero if g is None else g.reshape(-1).float() / temperature
-        coefs.append(torch.where(target >= 0, c, zero))
-    return coefs
-
-
 def token_stats_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
     """-> token_logprob, lse, entropy (N,) float32 of logits / T, in one pass over chunks of rows."""
     vocab = rows.shape[-1]
@@ -247,18 +246,18 @@ def token_stats_forward(rows: torch.Tensor, target: torch.Tensor, temperature: f
     return tuple(outs)
 
 
-def token_stats_backward(rows, target, lse, entropy, grad_logprob, grad_entropy, temperature: float, out):
-    """out (B', T', V) = d(sum grad_logprob * logprob + grad_entropy * entropy) / dlogits, chunk by chunk."""
+def token_stats_backward(rows, target, lse, entropy, coef_logprob, coef_entropy, temperature: float, out):
+    """out (B', T', V) = d(sum_n c_lp[n] T logprob[n] + c_ent[n] T entropy[n]) / dlogits, chunk by chunk; the
+    coefficients (N,) float32 are the upstream gradients / T, 0 where not scored."""
     vocab = rows.shape[-1]
-    coef_lp, coef_ent = _stat_coefs(target, grad_logprob, grad_entropy, temperature)
     for start, index in _chunks(rows, vocab):
         x = rows[index]
         z = x.reshape(-1, vocab).to(torch.float32, copy=True)
         if temperature != 1.0:
             z.div_(temperature)
         end = start + z.shape[0]
-        grad = _token_stats_grad_(z, lse[start:end], entropy[start:end], coef_lp[start:end], coef_ent[start:end],
-                                  target[start:end])
+        grad = _token_stats_grad_(z, lse[start:end], entropy[start:end], coef_logprob[start:end],
+                                  coef_entropy[start:end], target[start:end])
         out[index].copy_(grad.view(x.shape))
 
 
@@ -275,10 +274,9 @@ def linear_token_stats_forward(rows, weight, bias, target: torch.Tensor, tempera
     return tuple(outs)
 
 
-def linear_token_stats_backward(rows, weight, bias, target, lse, entropy, grad_logprob, grad_entropy,
+def linear_token_stats_backward(rows, weight, bias, target, lse, entropy, coef_logprob, coef_entropy,
                                 temperature: float):
-    """d_hidden (B', T', H), d_weight (V, H), d_bias (V,) of sum grad_logprob * logprob + grad_entropy * entropy:
-    each chunk's logits recomputed, turned into their gradient in place, contracted in float32."""
-    coef_lp, coef_ent = _stat_coefs(target, grad_logprob, grad_entropy, temperature)
+    """d_hidden (B', T', H), d_weight (V, H), d_bias (V,) of the same sum as :func:`token_stats_backward`: each
+    chunk's logits recomputed, turned into their gradient in place, contracted in float32."""
     return _linear_contract(rows, weight, bias, temperature, lambda z, a, b: _token_stats_grad_(
-        z, lse[a:b], entropy[a:b], coef_lp[a:b], coef_ent[a:b], target[a:b]))
+        z, lse[a:b], entropy[a:b], coef_logprob[a:b], coef_entropy[a:b], target[a:b]))

@@ -199,7 +199,7 @@ def check_against_oracle(case: Case, backend: str, device) -> None:
         torch.testing.assert_close(logits.detach(), original, rtol=0, atol=0)
 
     slack = SLACK[case.dtype]
-    names = ["loss", "grad_logits", "seq_logprob", "implicit_reward", "grad_seq_logprob"]
+    names = ["loss", "grad_logits", *gk.GVPOStats._fields]
     for name, g, b, o in zip(names, [loss, grad, *stats], [baseline[0], baseline[1], *baseline[2]],
                              [oracle[0], oracle[1], *oracle[2]]):
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
@@ -228,7 +228,7 @@ def check_linear_against_oracle(case: Case, backend: str, device) -> None:
         if leaf is not None:
             assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
     slack = SLACK[case.dtype]
-    names = ["loss", "d_hidden", "d_weight", "d_bias", "seq_logprob", "implicit_reward", "grad_seq_logprob"]
+    names = ["loss", "d_hidden", "d_weight", "d_bias", *gk.GVPOStats._fields]
     for name, g, b, o in zip(names, [loss, *grads, *stats], [baseline[0], *baseline[1], *baseline[2]],
                              [oracle[0], *oracle[1], *oracle[2]]):
         if o is None:

@@ -73,21 +73,22 @@ def check(path: str, backend: str, full: dict, seqs, vocab_slice, group_pg, voca
     labels, rewards = full["labels"], full["rewards"]
     if path == "logits":
         oracle = full["logits"].double().requires_grad_()
-        want = gk.reference.gvpo_loss(oracle, labels, rewards.double(), **ref_kwargs)
+        want, want_stats = gk.reference.gvpo_loss(oracle, labels, rewards.double(), return_stats=True, **ref_kwargs)
         want.backward()
         logits = full["logits"][seqs][..., lo:hi].contiguous().requires_grad_()
-        got = gk.gvpo_loss(logits, labels[seqs], rewards[seqs], **mine)
+        got, stats = gk.gvpo_loss(logits, labels[seqs], rewards[seqs], return_stats=True, **mine)
         got.backward()
         pairs = [("logits", logits.grad, oracle.grad[seqs][..., lo:hi])]
     else:
         leaves = [full[k].double().requires_grad_() for k in ("hidden", "weight", "bias")]
-        want = gk.reference.linear_gvpo_loss(leaves[0], leaves[1], labels, rewards.double(), bias=leaves[2],
-                                             **ref_kwargs)
+        want, want_stats = gk.reference.linear_gvpo_loss(leaves[0], leaves[1], labels, rewards.double(),
+                                                         bias=leaves[2], return_stats=True, **ref_kwargs)
         want.backward()
         hidden = full["hidden"][seqs].clone().requires_grad_()
         weight = full["weight"][lo:hi].clone().requires_grad_()
         bias = full["bias"][lo:hi].clone().requires_grad_()
-        got = gk.linear_gvpo_loss(hidden, weight, labels[seqs], rewards[seqs], bias=bias, **mine)
+        got, stats = gk.linear_gvpo_loss(hidden, weight, labels[seqs], rewards[seqs], bias=bias, return_stats=True,
+                                         **mine)
         got.backward()
         d_hidden = hidden.grad.clone()
         if vocab_pg is not None:  # each slice gives its contribution; the vocabulary group sums them
@@ -100,6 +101,8 @@ def check(path: str, backend: str, full: dict, seqs, vocab_slice, group_pg, voca
         pairs = [("d_hidden", d_hidden, leaves[0].grad[seqs]), ("d_weight", d_weight, leaves[1].grad[lo:hi]),
                  ("d_bias", d_bias, leaves[2].grad[lo:hi])]
     assert abs(got.item() - want.item()) <= TOLERANCE * abs(want.item()) + 1e-7, (path, got.item(), want.item())
+    # the per-sequence statistics of this rank's sequences, the entropy over the whole vocabulary included
+    pairs += [(name, got_stat, want_stat[seqs]) for name, got_stat, want_stat in zip(stats._fields, stats, want_stats)]
     for name, g, w in pairs:
         assert rel_err(g, w) <= TOLERANCE, (path, backend, name, rel_err(g, w))
 

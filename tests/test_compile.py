@@ -132,11 +132,12 @@ def test_ops_pass_opcheck(backend):
     common = (inputs["labels"], inputs["rewards"], kw.get("group_ids"), kw["mask"], kw["cu_seqlens"],
               kw["ref_logprobs"], kw.get("group_size"), 0.1, 0.8, "mean", -100, backend)
     torch.library.opcheck(ops.linear_loss_op, (inputs["hidden"], inputs["weight"], inputs["bias"], *common,
-                                               True, True, True))
+                                               True, True, True, True))
     torch.library.opcheck(ops.linear_loss_op, (inputs["hidden"], inputs["weight"], None, *common, False, True,
-                                               False))
+                                               False, False))
     logits = torch.randn(inputs["labels"].numel(), 64, requires_grad=True)
-    torch.library.opcheck(ops.logits_loss_op, (logits, *common))
-    _, _, _, grad_seq, lse, target, token_seq = ops.logits_loss_op(logits.detach(), *common)
+    for entropy in (False, True):
+        torch.library.opcheck(ops.logits_loss_op, (logits, *common, entropy))
+    _, _, _, grad_seq, _, lse, target, token_seq = ops.logits_loss_op(logits.detach(), *common, False)
     torch.library.opcheck(ops.logits_backward_op, (logits.detach(), target, token_seq, lse, grad_seq,
                                                    torch.tensor(1.5), 0.8, backend))

@@ -53,8 +53,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss-and-entropy"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
-def test_no_tensor_grows_with_tokens_times_vocabulary(backend, monkeypatch):
+def test_no_tensor_grows_with_tokens_times_vocabulary(backend, entropy, monkeypatch):
     """The forward and the gradients at N and 4N tokens: the largest tensor any op creates is the same, bounded by
     one float32 chunk of 32 token rows (torch), 64 (Triton's backward buffer) or one thread's d_hidden
     accumulator (cpu), far below N x V.
@@ -77,7 +78,7 @@ def test_no_tensor_grows_with_tokens_times_vocabulary(backend, monkeypatch):
         impl = select_backend(backend, DEVICE)
         with LargestTensor() as mode:
             ops.linear_stages(impl, layout.as_rows(inputs["hidden"].detach()), inputs["weight"].detach(), None, lay,
-                              0.1, 1.0, needs=(True, True, False))
+                              0.1, 1.0, needs=(True, True, False), entropy=entropy)
         largest.append(mode.largest)
         num_tokens = inputs["labels"].numel()
         assert mode.largest <= 64 * vocab * 4 < num_tokens * vocab * 4

@@ -85,12 +85,15 @@ def test_linear_logprobs(case, backend):
 
 
 @pytest.mark.parametrize("case", CASES + LINEAR_CASES, ids=lambda c: ("linear-" if c.hidden_size else "") + c.id)
-def test_logprobs_and_entropy(case):
-    check(case, "torch", entropy=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_and_entropy(case, backend):
+    skip_unavailable(backend)
+    check(case, backend, entropy=True)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_with_minus_inf_columns(backend):
+    skip_unavailable(backend)
     """Vocabulary masking: -inf columns have p = 0 and add nothing to the entropy or its gradient."""
     inputs = make_inputs(Case(groups=(2, 2), seq_len=5, vocab=50, mask="none"), DEVICE)
     logits = inputs["logits"].detach().clone()
@@ -104,12 +107,16 @@ def test_entropy_with_minus_inf_columns(backend):
     assert rel_err(lp, lp64) < 1e-5 and rel_err(ent, ent64) < 1e-5 and rel_err(grad, grad64) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_entropy_on_a_backend_without_its_kernel_says_so(backend):
-    skip_unavailable(backend)
+def test_a_backend_without_an_entropy_kernel_says_so(monkeypatch):
+    """A backend module without the entropy kernels (a build that lacks them): "auto" computes the entropy on the
+    torch backend, a named backend raises saying so."""
+    skip_unavailable("cpu")
+    monkeypatch.delattr(cpu, "token_stats_forward")
+    logits, labels = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="entropy"):
-        gk.token_logprobs(torch.randn(2, 3, 5, device=DEVICE), torch.zeros(2, 3, dtype=torch.int64, device=DEVICE),
-                          return_entropy=True, backend=backend)
+        gk.token_logprobs(logits, labels, return_entropy=True, backend="cpu")
+    _, entropy = gk.token_logprobs(logits, labels, return_entropy=True, backend="auto")
+    torch.testing.assert_close(entropy, gk.reference.token_logprobs(logits, labels, return_entropy=True)[1])
 
 
 def test_log_probs_match_the_loss_statistics():
