@@ -358,6 +358,10 @@ def test_output_dir_reuse_needs_resume_or_overwrite_and_resume_keeps_the_schedul
 
 
 def test_the_ref_anchor_logs_a_growing_kl_and_the_policy_entropy(tmp_path):
-    metrics = train(small(tmp_path, anchor="ref", steps=3))
+    metrics = train(small(tmp_path / "ref", anchor="ref", steps=3))
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1: the policy is still the reference
     assert abs(metrics[-1]["kl"]) > 1e-4 and all(2.0 < m["entropy"] <= math.log(18) for m in metrics)
+    # the entropy from the loss's statistics (ref anchor) equals the anchor pass's (old anchor) at step 1, where
+    # both see the same rollout and the policy before its first optimizer step
+    first = train(small(tmp_path / "old", steps=1))[0]
+    assert metrics[0]["entropy"] == pytest.approx(first["entropy"], rel=1e-5)

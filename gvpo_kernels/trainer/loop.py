@@ -97,11 +97,10 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         batch, _ = self.rollout(self.my_rows(step_rows(self.rows, step, cfg.prompts_per_step, cfg.seed)))
         with torch.no_grad(), self.autocast():
-            if self.ref is None:
+            if self.ref is None:  # the sampling policy's entropy, from the anchor pass
                 batch.anchor, entropy = self.policy("logprobs", batch, cfg.temperature, return_entropy=True)
-            else:  # the policy's entropy costs one more no-grad pass here
-                batch.anchor = self.ref("logprobs", batch, cfg.temperature)
-                entropy = self.policy("logprobs", batch, cfg.temperature, return_entropy=True)[1]
+            else:  # with a frozen reference, the entropy comes from the loss's own pass (GVPOStats.entropy)
+                batch.anchor, entropy = self.ref("logprobs", batch, cfg.temperature), None
         stats = update(self.policy, self.optimizer, self.scheduler, batch, beta=cfg.beta,
                        temperature=cfg.temperature, backend=cfg.backend, update_epochs=cfg.update_epochs,
                        micro_batch_groups=cfg.micro_batch_groups, grad_accum=cfg.grad_accum,
@@ -112,7 +111,8 @@ class Trainer:
         rewards = batch.rewards.double()
         count, reward_sum, reward_sq, tokens, scored, entropy_sum = parallel.all_sum(
             [rewards.numel(), rewards.sum().item(), (rewards**2).sum().item(), batch.attention_mask.sum().item(),
-             batch.completion_mask.sum().item(), entropy.sum().item()], self.world, self.device)
+             batch.completion_mask.sum().item(), stats["entropy_sum"] if entropy is None else entropy.sum().item()],
+            self.world, self.device)
         seconds = parallel.all_max(seconds, self.world, self.device)
         mean = reward_sum / count
         return {"step": step + 1, "reward_mean": mean, "reward_std": max(0.0, reward_sq / count - mean**2) ** 0.5,

@@ -10,7 +10,8 @@ Fields of a metrics line:
     kl               mean s_i - a_i: the sequence log-ratio of policy and anchor during the update, whose mean
                      over samples of the policy estimates KL(policy || anchor) (0 on the first pass with 'old')
     entropy          mean entropy (nats) of the policy's next-token distribution at the sampling temperature,
-                     over the scored completion tokens, before the update
+                     over the scored completion tokens, before the update (with the 'ref' anchor: from the
+                     loss's own statistics, GVPOStats.entropy, in the update's first pass over each micro-batch)
     grad_seq_abs     mean |dL/ds_i|: the per-sequence scale of the gradient
     completion_len   mean completion length in tokens (EOS included)
     grad_norm        gradient norm before clipping, averaged over the step's optimizer steps

@@ -97,15 +97,18 @@ def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, tempe
     every rank's groups).
 
     Returns means over the step and every rank: loss, implicit_reward (r_i), kl (s_i - a_i), grad_seq_abs
-    (|dL/ds_i| of the loss each optimizer step minimises) and grad_norm (before clipping).
+    (|dL/ds_i| of the loss each optimizer step minimises) and grad_norm (before clipping); and this rank's
+    entropy_sum, the sum over its scored tokens of the policy's entropy in the first pass (``GVPOStats.entropy``,
+    from the loss's own pass over the head).
     """
     num_groups = rollout.num_groups
     size = micro_batch_groups or num_groups
     micro = [(g, min(g + size, num_groups)) for g in range(0, num_groups, size)]
     params = [p for p in policy.parameters() if p.requires_grad]
     losses, norms, implicit, grad_seq = [], [], [], []
+    entropy_sum = 0.0
     policy.train()
-    for _ in range(update_epochs):
+    for epoch in range(update_epochs):
         for first in range(0, len(micro), grad_accum):
             chunk = micro[first:first + grad_accum]
             step_groups = sum(stop - start for start, stop in chunk)
@@ -113,12 +116,14 @@ def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, tempe
             step_loss = 0.0
             for i, (start, stop) in enumerate(chunk):
                 weight = (stop - start) / step_groups
+                part = rollout.groups(start, stop)
                 with parallel.gradient_sync(policy, i == len(chunk) - 1):
                     with autocast:
-                        loss, stats = policy("loss", rollout.groups(start, stop), beta=beta,
-                                             temperature=temperature, backend=backend)
+                        loss, stats = policy("loss", part, beta=beta, temperature=temperature, backend=backend)
                     (loss * weight).backward()
                 step_loss += loss.item() * weight
+                if epoch == 0:
+                    entropy_sum += (stats.entropy * part.completion_mask.sum(1)).sum().item()
                 implicit.append(stats.implicit_reward.detach())
                 grad_seq.append(stats.grad_seq_logprob.abs() * weight)
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
@@ -132,4 +137,4 @@ def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, tempe
         world, implicit.device)
     return {"loss": loss_sum / world.size, "grad_norm": sum(norms) / len(norms),
             "implicit_reward": implicit_sum / count, "kl": implicit_sum / beta / count,
-            "grad_seq_abs": grad_seq_sum / count}
+            "grad_seq_abs": grad_seq_sum / count, "entropy_sum": entropy_sum}
