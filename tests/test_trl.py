@@ -14,6 +14,8 @@ trl = pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+from trl import GRPOTrainer  # noqa: E402
+
 from gvpo_kernels import reference  # noqa: E402
 from gvpo_kernels.integrations.trl import (  # noqa: E402
     GVPOConfig, GVPOTrainer, group_rewards, shuffle_whole_groups, warn_inapplicable_options)
@@ -58,7 +60,7 @@ def reward_from_text(completions, **kwargs):
             for c in completions]
 
 
-def make_trainer(tmp_path, trainer_cls=GVPOTrainer, model_dtype=torch.float32, **overrides):
+def make_trainer(tmp_path, trainer_cls=GVPOTrainer, model_dtype=torch.float32, model=None, **overrides):
     tokenizer = make_tokenizer()
     prompts = [" ".join(WORDS[i:i + 3]) for i in range(8)]  # 8 distinct prompts
     options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=NUM_GENERATIONS,
@@ -67,7 +69,8 @@ def make_trainer(tmp_path, trainer_cls=GVPOTrainer, model_dtype=torch.float32, *
                    logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, bf16=False)
     options.update(overrides)
     args = GVPOConfig(**options)
-    return trainer_cls(model=make_model(len(tokenizer)).to(model_dtype), reward_funcs=reward_from_text, args=args,
+    model = make_model(len(tokenizer)) if model is None else model
+    return trainer_cls(model=model.to(model_dtype), reward_funcs=reward_from_text, args=args,
                        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
 
 
@@ -85,7 +88,7 @@ def reference_loss(model, tokenizer, inputs, group_ids=None, anchor="old", tempe
         group_ids = torch.tensor([sorted(set(keys)).index(k) for k in keys])
     texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]
     rewards = torch.tensor(reward_from_text(texts))
-    ref_logprobs = inputs.get("old_per_token_logps") if anchor == "old" else None
+    ref_logprobs = None if anchor is None else inputs.get(f"{anchor}_per_token_logps")
     return reference.gvpo_loss(logits, completion_ids, rewards, group_ids=group_ids, mask=mask,
                                ref_logprobs=ref_logprobs, beta=beta, temperature=temperature), group_ids, rewards
 
@@ -209,8 +212,8 @@ class HeadPrecisionTrainer(GVPOTrainer):
     """Records, for every micro-batch, the plug-in's sequence log-probs s_i, TRL's own (its fused LM head, the path
     of GRPOTrainer's log-probs and so of the anchor) and those of an LM head run in bfloat16, same parameters."""
 
-    def _log_gvpo_metrics(self, mode, loss, stats):
-        super()._log_gvpo_metrics(mode, loss, stats)
+    def _log_gvpo_metrics(self, mode, loss, stats, mask):
+        super()._log_gvpo_metrics(mode, loss, stats, mask)
         self.records.append(dict(ours=stats.seq_logprob))
 
     def _compute_loss(self, model, inputs):
@@ -254,6 +257,142 @@ def test_fp32_lm_head_under_mixed_precision(tmp_path, model_dtype):
     assert abs(logged[0]["gvpo/implicit_reward"]) < 1e-5
 
 
+class ModelCalls:
+    """The keyword arguments of every call of a model (``calls``), except those made inside :func:`trl_own_logps`."""
+
+    in_trl_own = False
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        if not ModelCalls.in_trl_own:
+            self.calls.append(dict(kwargs))
+
+
+def trl_own_logps(trainer, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+    """TRL 1.16's own GRPOTrainer._get_per_token_logps_and_entropies (its fused LM head), on the same trainer."""
+    ModelCalls.in_trl_own = True
+    try:
+        return GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, input_ids, attention_mask,
+                                                              logits_to_keep, **kwargs)
+    finally:
+        ModelCalls.in_trl_own = False
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp32-head"])
+def test_logprob_pass_equals_trl_fused_head(tmp_path, precision):
+    """GVPOTrainer's _get_per_token_logps_and_entropies (TRL's old/ref pass) against TRL's own on one batch: left-
+    and right-padded rows, a row with nothing scored, batches of 2 over 5 rows (a short last one); same shapes,
+    dtypes, zeros and None, and log-probs and entropies no further from a float64 head than TRL's own."""
+    options = dict(fp32=dict(bf16=False), bf16=dict(bf16=True),
+                   **{"fp32-head": dict(bf16=True, cast_lm_head_to_fp32=True)})[precision]
+    trainer = make_trainer(tmp_path, **options)
+    model = trainer.model
+    g = torch.Generator().manual_seed(4)
+    rows, prompt_len, completion_len = 5, 4, 6
+    input_ids = torch.randint(3, len(trainer.processing_class), (rows, prompt_len + completion_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0  # left padding of a prompt
+    attention_mask[2, prompt_len + 3:] = 0  # right padding of a completion
+    attention_mask[4, prompt_len:] = 0  # a completion with nothing scored
+    args = (input_ids, attention_mask, completion_len)
+    with torch.no_grad():
+        recorder = ModelCalls(model)
+        ours = trainer._get_per_token_logps_and_entropies(model, *args, batch_size=2, compute_entropy=True)
+        ours_no_entropy = trainer._get_per_token_logps_and_entropies(model, *args, batch_size=2)
+        recorder.handle.remove()
+        calls = recorder.calls
+        theirs = trl_own_logps(trainer, model, *args, batch_size=2, compute_entropy=True)
+        with trainer.accelerator.autocast():
+            hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # The fused path ran the model for the last position's logits only, never TRL's fused head.
+    assert len(calls) == 6 and all(c.get("logits_to_keep") == 1 and not c.get("fused_lm_head") for c in calls)
+    assert ours_no_entropy[1] is None and ours[2] is None and theirs[2] is None
+    torch.testing.assert_close(ours_no_entropy[0], ours[0], rtol=0, atol=0)
+
+    # float64 oracle from the same hidden states and the head's inputs in the precision both paths use
+    head_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    logits = (hidden[:, :-1][:, -completion_len:].to(head_dtype).double()
+              @ model.lm_head.weight.to(head_dtype).double().T) / TEMPERATURE
+    labels, scored = input_ids[:, -completion_len:], attention_mask[:, -completion_len:].bool()
+    logp = logits.log_softmax(-1)
+    oracle = (logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * scored,
+              -(logp.exp() * logp).sum(-1) * scored)
+    for name, got, trl_value, want in zip(("log-probs", "entropies"), ours, theirs, oracle):
+        assert got.shape == trl_value.shape == labels.shape and got.dtype == trl_value.dtype == torch.float32
+        assert torch.all(got[~scored] == 0) and torch.all(trl_value[~scored] == 0), name
+        err, trl_err = rel_err(got, want), rel_err(trl_value, want)
+        assert err <= trl_err + 1e-5, f"{name}: error {err:.3g} vs TRL's {trl_err:.3g}"
+        if precision != "bf16":
+            torch.testing.assert_close(got, trl_value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+class LogprobPassTrainer(GVPOTrainer):
+    """Records, for each generation batch, its old/ref log-probs and TRL's own for the same rows and parameters;
+    for each micro-batch, the logged entropy and TRL's own, and the loss and the reference's with each anchor."""
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad():
+            own = {name: trl_own_logps(self, net, input_ids, attention_mask, output["completion_ids"].size(1),
+                                       batch_size=self.args.per_device_train_batch_size)[0]
+                   for name, net in (("old", self.model), ("ref", self.ref_model))}
+        self.generations.append(dict(output=output, own=own))
+        return output
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        mask = inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        with torch.no_grad():
+            _, entropies, _ = trl_own_logps(self, model, input_ids, torch.cat([inputs["prompt_mask"], mask], dim=1),
+                                            mask.size(1), compute_entropy=True)
+            refs = {anchor: reference_loss(model, self.processing_class, inputs, anchor=anchor)[0]
+                    for anchor in ("old", "ref")}
+        self.steps.append(dict(loss=loss.detach().clone(), refs=refs, entropy=self._metrics[mode]["entropy"][-1],
+                               trl_entropy=((entropies * mask).sum() / mask.sum()).item()))
+        return loss
+
+
+@pytest.mark.parametrize("anchor", ["old", "ref"])
+def test_run_with_two_iterations_and_a_reference_model(tmp_path, anchor):
+    """num_iterations=2 (TRL computes old log-probs) and beta != 0 (TRL loads a reference model, here another
+    checkpoint than the policy): old and ref log-probs equal TRL's own, the loss takes the anchor gvpo_anchor names,
+    TRL's entropy metric is logged and equals TRL's own, and TRL's fused head is never called."""
+    reference_model = make_model(len(make_tokenizer()))
+    reference_model.save_pretrained(tmp_path / "ref")
+    policy = make_model(len(make_tokenizer()))
+    with torch.no_grad():
+        policy.lm_head.weight.add_(torch.randn(policy.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    policy.config._name_or_path = str(tmp_path / "ref")  # where TRL loads the reference model from
+    trainer = make_trainer(tmp_path / "out", trainer_cls=LogprobPassTrainer, model=policy, num_iterations=2,
+                           beta=0.04, gvpo_anchor=anchor)
+    trainer.generations, trainer.steps = [], []
+    calls, ref_calls = ModelCalls(trainer.model).calls, ModelCalls(trainer.ref_model).calls
+    trainer.train()
+
+    assert len(trainer.generations) == 1 and len(trainer.steps) == 2
+    rec = trainer.generations[0]
+    for name in ("old", "ref"):
+        got = rec["output"][f"{name}_per_token_logps"]
+        torch.testing.assert_close(got, rec["own"][name], rtol=1e-5, atol=1e-5, msg=name)
+    assert (rec["own"]["old"] - rec["own"]["ref"]).abs().max() > 1e-2  # the two anchors differ
+    assert not any(c.get("fused_lm_head") for c in calls + ref_calls)
+    assert sum(c.get("logits_to_keep") == 1 for c in ref_calls) == 2  # 8 completions in batches of 4
+    other = "ref" if anchor == "old" else "old"
+    for step in trainer.steps:
+        torch.testing.assert_close(step["loss"], step["refs"][anchor].float(), rtol=1e-5, atol=1e-6)
+        assert not math.isclose(step["refs"][other].item(), step["refs"][anchor].item(), rel_tol=1e-3)
+        assert step["entropy"] > 0 and math.isclose(step["entropy"], step["trl_entropy"], rel_tol=1e-5)
+    logged = [h for h in trainer.state.log_history if "entropy" in h]
+    assert len(logged) == 2 and all(math.isfinite(h["entropy"]) for h in logged)
+
+
 def test_group_rewards_follow_trl_layout():
     per_func = torch.tensor([[1.0, float("nan")], [2.0, 1.0], [float("nan")] * 2, [4.0, 0.0],
                              [float("nan")] * 2, [float("nan")] * 2])
@@ -292,6 +431,18 @@ def test_inapplicable_options_warn_and_bad_options_raise(tmp_path):
     with pytest.raises(ValueError, match="gvpo_beta"):
         GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, gvpo_beta=0.0,
                    report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="gvpo_anchor"):
+        GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, gvpo_anchor="new",
+                   report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="beta"):  # "ref" needs the reference model that TRL loads for beta != 0
+        GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, gvpo_anchor="ref",
+                   report_to="none", use_cpu=True)
+    for anchor, warned in (("old", ["beta"]), ("ref", [])):
+        args = GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, beta=0.04,
+                          gvpo_anchor=anchor, report_to="none", use_cpu=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert warn_inapplicable_options(args) == warned
     with pytest.raises(TypeError, match="GVPOConfig"):
         GVPOTrainer(model=make_model(8), reward_funcs=reward_from_text,
                     args=trl.GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,

@@ -16,28 +16,39 @@ tools and environments, logging. Only these steps change:
 2. ``_prepare_inputs`` shuffles the buffered generation batch by whole groups rather than by rows, so that each
    micro-batch holds complete groups whenever ``per_device_train_batch_size`` is a multiple of ``num_generations``.
    GVPO centres within a group: a group cut across micro-batches would be centred over its pieces.
-3. ``_compute_loss`` runs the model once for the last hidden state (``output_hidden_states=True,
-   logits_to_keep=1``: no (B, T, V) logits are built), and calls :func:`gvpo_kernels.linear_gvpo_loss` on it and the
-   LM head with TRL's completion mask (times its tool mask), TRL's sampling ``temperature``, the groups above and,
-   as anchor, TRL's ``old_per_token_logps`` when TRL computed them (``num_iterations > 1``, ``steps_per_generation``
-   larger than ``gradient_accumulation_steps``, or vLLM); otherwise the policy itself (on-policy: the anchor equals
-   the current policy before the update, so TRL skips that forward pass). The loss is the mean over the groups of
-   the micro-batch, divided by the number of gradient-accumulation steps as TRL does for its own losses. The LM
-   head runs in the precision of TRL's own fused LM head, which computes TRL's log-probs and so the anchor
-   (:func:`lm_head_dtype`): with ``cast_lm_head_to_fp32``, float32 on the hidden states upcast to float32 (bf16
-   ones under ``bf16=True`` with a bf16 model), autocast off; otherwise the autocast dtype under mixed precision
-   (``bf16=True``, TRL's default), else the weight's dtype; accumulation is float32 in every case.
+3. ``_compute_loss`` runs the model once for the last hidden state (``logits_to_keep=1``: no (B, T, V) logits
+   are built), and calls :func:`gvpo_kernels.linear_gvpo_loss` on it and the LM head with TRL's completion mask
+   (times its tool mask), TRL's sampling ``temperature``, the groups above and the anchor ``gvpo_anchor`` names:
+   "old" (the default, the official recipe's): TRL's ``old_per_token_logps`` when TRL computed them
+   (``num_iterations > 1``, ``steps_per_generation`` larger than ``gradient_accumulation_steps``, or vLLM),
+   otherwise the policy itself (on-policy: the anchor equals the current policy before the update, so TRL skips
+   that forward pass); "ref": TRL's ``ref_per_token_logps``, the log-probs of the frozen reference model that TRL
+   loads when ``beta != 0`` (the adapter-free model under PEFT; refreshed with ``sync_ref_model``). The loss is
+   the mean over the groups of the micro-batch, divided by the number of gradient-accumulation steps as TRL does
+   for its own losses. TRL's ``entropy`` metric (the mean over the scored completion tokens of the policy's
+   entropy, over all processes) is logged from the same pass (``GVPOStats.entropy``).
+4. ``_get_per_token_logps_and_entropies``, TRL's old-policy and reference log-prob passes, keeps TRL's batching
+   and its multimodal inputs but runs each chunk's model for the last hidden state only and calls
+   :func:`gvpo_kernels.linear_token_logprobs` on it: the same (B, C) float32 log-probs (and entropies when asked),
+   0 at the positions TRL does not score, as TRL's own fused LM head.
+
+In steps 3 and 4 the LM head runs in the precision of TRL's own fused LM head (:func:`lm_head_dtype`): with
+``cast_lm_head_to_fp32``, float32 on the hidden states upcast to float32 (bf16 ones under ``bf16=True`` with a
+bf16 model), autocast off; otherwise the autocast dtype under mixed precision (``bf16=True``, TRL's default), else
+the weight's dtype; accumulation is float32 in every case.
 
 GRPOConfig options that do not apply to GVPO (a warning names each one set to a non-default value):
 ``epsilon``, ``epsilon_high``, ``delta`` (no ratio clipping: GVPO has no importance ratio), ``loss_type`` and its
 ``sapo_*`` / ``vespo_*`` options, ``importance_sampling_level``, ``scale_rewards`` and
 ``multi_objective_aggregation`` (GVPO centres the weighted reward sum inside its loss and never divides by a
-standard deviation), ``beta`` (TRL's KL penalty; GVPO's own KL coefficient is ``gvpo_beta``: leave ``beta`` at 0 so
-that TRL loads no reference model), ``top_entropy_quantile``, ``entropy_coef``, ``use_adaptive_entropy`` and
-``off_policy_mask_threshold``. ``vllm_importance_sampling_*`` has no effect either (GVPO needs no importance
-sampling; with vLLM the anchor is the training model's log-probs of the sampled tokens). TRL's ``entropy`` and
-``clip_ratio/*`` metrics are not logged; ``gvpo/*`` metrics are (the loss, the mean implicit reward
-``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``).
+standard deviation), ``beta`` (TRL's KL penalty is not added; GVPO's own KL coefficient is ``gvpo_beta``. A
+non-zero ``beta`` only makes TRL load and run the reference model, which ``gvpo_anchor="ref"`` needs and
+``gvpo_anchor="old"`` leaves unused: leave ``beta`` at 0 there), ``top_entropy_quantile``, ``entropy_coef``,
+``use_adaptive_entropy`` and ``off_policy_mask_threshold``. ``vllm_importance_sampling_*`` has no effect either
+(GVPO needs no importance sampling; with vLLM the "old" anchor is the training model's log-probs of the sampled
+tokens). TRL's ``clip_ratio/*`` and ``kl`` metrics are not logged; ``entropy`` and the ``gvpo/*`` metrics are (the
+loss, the mean implicit reward ``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``). With ``gvpo_anchor="ref"``,
+TRL still computes ``old_per_token_logps`` where it would for GRPO (``num_iterations > 1``, ...), unused.
 
 Limits: the model must compute its logits as ``lm_head(last hidden state)``; logit scaling or soft-capping (Gemma-2,
 Cohere, Granite, ...) is refused at construction, and the first step checks the hidden state against the model's
@@ -52,13 +63,14 @@ import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
-from ..functional import linear_gvpo_loss
+from ..functional import linear_gvpo_loss, linear_token_logprobs
 
 # Options of GRPOConfig that GVPOTrainer ignores; a value other than GRPOConfig's default gets a warning.
 INAPPLICABLE_OPTIONS = {
@@ -69,7 +81,8 @@ INAPPLICABLE_OPTIONS = {
     "importance_sampling_level": "GVPO has no importance ratio",
     "scale_rewards": "GVPO centres rewards within each group and never divides by a standard deviation",
     "multi_objective_aggregation": "GVPO uses the weighted sum of the reward functions",
-    "beta": "TRL's KL penalty is not added; GVPO's KL coefficient is gvpo_beta (leave beta=0: no reference model)",
+    "beta": "TRL's KL penalty is not added; GVPO's KL coefficient is gvpo_beta, and with gvpo_anchor='old' the "
+            "reference model TRL loads for beta != 0 is unused (leave beta=0)",
     "top_entropy_quantile": "every completion token is scored",
     "entropy_coef": "no entropy bonus is added",
     "use_adaptive_entropy": "no entropy bonus is added",
@@ -91,14 +104,21 @@ class GVPOConfig(GRPOConfig):
     Args:
         gvpo_beta: the KL coefficient of GVPO, scale of the implicit reward ``beta * (log pi - log pi_anchor)``
             (the paper and its official recipe use 0.1).
-        gvpo_backend: the backend of :func:`gvpo_kernels.linear_gvpo_loss`: "auto" (CUDA tensors -> the Triton
-            kernels, CPU tensors -> the C++ kernels, built on first use, other devices -> the chunked torch
-            backend; where the first choice cannot run, a warning and the torch backend), "triton", "cpu" or
-            "torch" (these three raise when they cannot run).
+        gvpo_backend: the backend of :func:`gvpo_kernels.linear_gvpo_loss` and of the log-prob passes
+            (:func:`gvpo_kernels.linear_token_logprobs`): "auto" (CUDA tensors -> the Triton kernels, CPU tensors
+            -> the C++ kernels, built on first use, other devices -> the chunked torch backend; where the first
+            choice cannot run, a warning and the torch backend), "triton", "cpu" or "torch" (these three raise
+            when they cannot run).
+        gvpo_anchor: the anchor policy pi' of the implicit reward. "old" (default, the official recipe): the
+            policy that sampled the completions (TRL's ``old_per_token_logps``, or the policy itself on-policy).
+            "ref": TRL's frozen reference model (``ref_per_token_logps``); TRL loads it only when ``beta != 0``, so
+            "ref" needs a non-zero ``beta`` (its value has no other effect).
     """
 
     gvpo_beta: float = field(default=0.1, metadata={"help": "GVPO's KL coefficient beta (official recipe: 0.1)."})
     gvpo_backend: str = field(default="auto", metadata={"help": "Backend of linear_gvpo_loss: auto/triton/cpu/torch."})
+    gvpo_anchor: str = field(default="old", metadata={"help": "Anchor of the implicit reward: old (the sampling "
+                                                              "policy) or ref (TRL's reference model, beta != 0)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,6 +128,11 @@ class GVPOConfig(GRPOConfig):
             raise ValueError(f"gvpo_beta must be a finite float > 0, got {self.gvpo_beta}")
         if self.gvpo_backend not in ("auto", "triton", "cpu", "torch"):
             raise ValueError(f"gvpo_backend must be one of auto, triton, cpu, torch; got {self.gvpo_backend!r}")
+        if self.gvpo_anchor not in ("old", "ref"):
+            raise ValueError(f"gvpo_anchor must be 'old' or 'ref', got {self.gvpo_anchor!r}")
+        if self.gvpo_anchor == "ref" and self.beta == 0.0:
+            raise ValueError("gvpo_anchor='ref' needs TRL's reference model, which TRL loads only when beta != 0: "
+                             "set beta to any non-zero value (GVPOTrainer adds no KL penalty; gvpo_beta is GVPO's)")
 
 
 def warn_inapplicable_options(args: GRPOConfig) -> list[str]:
@@ -118,6 +143,8 @@ def warn_inapplicable_options(args: GRPOConfig) -> list[str]:
     defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     named = []
     for name, why in INAPPLICABLE_OPTIONS.items():
+        if name == "beta" and getattr(args, "gvpo_anchor", "old") == "ref":
+            continue  # beta != 0 loads the reference model that the "ref" anchor reads
         if name in defaults and getattr(args, name, defaults[name]) != defaults[name]:
             named.append(name)
             warnings.warn(f"GVPOTrainer ignores {name}={getattr(args, name)!r}: {why}.", UserWarning, stacklevel=3)
@@ -128,8 +155,8 @@ class GVPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with the fused GVPO loss; same constructor, ``args`` must be a :class:`GVPOConfig`.
 
     Adds two columns to TRL's generation batch (``gvpo_rewards`` (B,) float32 and ``gvpo_group_ids`` (B,) int64),
-    keeps groups whole when it shuffles that batch into micro-batches, and replaces ``_compute_loss``. See the module
-    docstring for what is and is not used from GRPOConfig.
+    keeps groups whole when it shuffles that batch into micro-batches, replaces ``_compute_loss`` and the LM head
+    of TRL's log-prob passes. See the module docstring for what is and is not used from GRPOConfig.
     """
 
     _tag_names = ["trl", "gvpo"]
@@ -149,9 +176,11 @@ class GVPOTrainer(GRPOTrainer):
                 "centre each part on its own. Use a multiple for the exact GVPO loss.", UserWarning, stacklevel=2)
         _refuse_zero3()
         super().__init__(model, reward_funcs, args=args, **kwargs)
-        _check_plain_lm_head(self.accelerator.unwrap_model(self.model))
+        for net in (self.model, self.ref_model):
+            if net is not None:
+                _check_plain_lm_head(self.accelerator.unwrap_model(net))
         self._gvpo_rewards_per_func = None
-        self._gvpo_head_checked = False
+        self._gvpo_heads_checked = set()  # id() of the causal LMs whose hidden state was checked against logits
 
     # ---- batch: rewards before TRL's normalisation, and group ids -------------------------------------------
 
@@ -200,61 +229,113 @@ class GVPOTrainer(GRPOTrainer):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        num_completion = completion_ids.size(1)
-
-        hidden, last_logits, autocast_dtype, aux_loss = self._last_hidden_state(model, input_ids, attention_mask,
-                                                                                 inputs)
-        weight, bias = _lm_head_params(self.accelerator.unwrap_model(model))
-        dtype = lm_head_dtype(self.args.cast_lm_head_to_fp32, autocast_dtype, weight.dtype)
-        if not self._gvpo_head_checked:
-            # The model's own forward ran its head under autocast even when TRL cast it to fp32 (TRL's fp32 forward
-            # does not leave autocast; only its fused head, and so the anchor, does): check in that precision.
-            _check_hidden_matches_logits(hidden[:, -1], weight, bias, last_logits, autocast_dtype or weight.dtype)
-            self._gvpo_head_checked = True
-        hidden = hidden[:, -num_completion - 1 : -1]  # hidden[:, t] scores completion token t
-
-        with _no_autocast(hidden.device.type):
-            loss, stats = linear_gvpo_loss(
-                hidden.to(dtype), weight.to(dtype), completion_ids, inputs["gvpo_rewards"],
-                bias=None if bias is None else bias.to(dtype), group_ids=inputs["gvpo_group_ids"], mask=mask.bool(),
-                ref_logprobs=inputs.get("old_per_token_logps"), beta=self.args.gvpo_beta,
-                temperature=self.temperature, reduction="mean", backend=self.args.gvpo_backend, return_stats=True)
-
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        self._log_gvpo_metrics(mode, loss, stats)
-        loss = loss / normalizer
-        if aux_loss is not None:
-            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        return loss
-
-    def _last_hidden_state(self, model, input_ids, attention_mask, inputs):
-        """One forward through the (possibly wrapped) model: last hidden state (B, T, H), the model's own logits at
-        the last position (B, V), the autocast dtype it ran under (None without autocast) and the MoE auxiliary
-        loss or None. ``logits_to_keep=1`` keeps the LM head from computing logits anywhere else."""
-        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        model_inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+                        "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1)}
         for key in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids"):
             if inputs.get(key) is not None:
                 model_inputs[key] = inputs[key]
         if self.aux_loss_enabled:
             model_inputs["output_router_logits"] = True
-        device_type = input_ids.device.type
-        with self.accelerator.autocast():
-            autocast_dtype = None
-            if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                autocast_dtype = torch.get_autocast_dtype(device_type)
-            outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        aux_loss = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
-        return outputs.hidden_states[-1], outputs.logits[:, -1], autocast_dtype, aux_loss
+        num_completion = completion_ids.size(1)
 
-    def _log_gvpo_metrics(self, mode, loss, stats):
+        hidden, (weight, bias, dtype), aux_loss = self._last_hidden_state(model, model_inputs)
+        hidden = hidden[:, -num_completion - 1 : -1]  # hidden[:, t] scores completion token t
+        anchor = inputs.get("old_per_token_logps") if self.args.gvpo_anchor == "old" else inputs["ref_per_token_logps"]
+        with _no_autocast(hidden.device.type):
+            loss, stats = linear_gvpo_loss(
+                hidden.to(dtype), weight.to(dtype), completion_ids, inputs["gvpo_rewards"],
+                bias=None if bias is None else bias.to(dtype), group_ids=inputs["gvpo_group_ids"], mask=mask.bool(),
+                ref_logprobs=anchor, beta=self.args.gvpo_beta, temperature=self.temperature, reduction="mean",
+                backend=self.args.gvpo_backend, return_stats=True)
+
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._log_gvpo_metrics(mode, loss, stats, mask)
+        loss = loss / normalizer
+        if self.aux_loss_enabled and aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
+                                           compute_entropy=False, **kwargs):
+        """TRL's per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens, fused.
+
+        TRL's own function (its batching by ``batch_size``, its slicing of multimodal inputs, its autocast, its MoE
+        auxiliary loss) runs unchanged, on a stand-in for ``model`` that runs the model for the last hidden state
+        only and scores it with :func:`gvpo_kernels.linear_token_logprobs`, in :func:`lm_head_dtype`'s precision.
+        Returns TRL's ``(logps (B, logits_to_keep) float32, entropies same shape or None, aux_loss or None)``, 0
+        where ``attention_mask`` is 0; differentiable when called with gradients enabled.
+        """
+        fused = _FusedTokenLogprobs(self, model, logits_to_keep, compute_entropy)
+        return super()._get_per_token_logps_and_entropies(fused, input_ids, attention_mask, logits_to_keep, *args,
+                                                          compute_entropy=compute_entropy, **kwargs)
+
+    def _last_hidden_state(self, model, model_inputs):
+        """One forward through the (possibly wrapped) model with ``logits_to_keep=1``, so that the LM head computes
+        logits at the last position only: the last hidden state (B, T, H) (the backbone's output, caught by a
+        forward hook, so that no other layer's output is kept), the LM head (weight (V, H), bias (V,) or None,
+        the dtype to run it in) and the MoE auxiliary loss or None. The first call on each model checks the
+        hidden state against the model's own last-position logits."""
+        net = _causal_lm(self.accelerator.unwrap_model(model))
+        caught = []
+        hook = net.base_model.register_forward_hook(lambda module, args, output: caught.append(output))
+        try:
+            with self.accelerator.autocast():
+                device_type = model_inputs["input_ids"].device.type
+                autocast_dtype = None
+                if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                    autocast_dtype = torch.get_autocast_dtype(device_type)
+                outputs = model(**model_inputs, logits_to_keep=1, use_cache=False)
+        finally:
+            hook.remove()
+        if not caught:
+            raise RuntimeError("GVPOTrainer: the model's forward did not call its backbone (model.base_model)")
+        hidden = caught[-1].last_hidden_state if hasattr(caught[-1], "last_hidden_state") else caught[-1][0]
+        weight, bias = _lm_head_params(net)
+        dtype = lm_head_dtype(self.args.cast_lm_head_to_fp32, autocast_dtype, weight.dtype)
+        if id(net) not in self._gvpo_heads_checked:
+            # The model's own forward ran its head under autocast even when TRL cast it to fp32 (TRL's fp32 forward
+            # does not leave autocast; only its fused head, and so the anchor, does): check in that precision.
+            _check_hidden_matches_logits(hidden[:, -1], weight, bias, outputs.logits[:, -1],
+                                         autocast_dtype or weight.dtype)
+            self._gvpo_heads_checked.add(id(net))
+        return hidden, (weight, bias, dtype), getattr(outputs, "aux_loss", None)
+
+    def _log_gvpo_metrics(self, mode, loss, stats, mask):
+        """The gvpo/* metrics, and TRL's ``entropy``: the mean over all processes' scored tokens (``mask`` (B, C))
+        of the policy's entropy, from the per-sequence means of :class:`gvpo_kernels.GVPOStats`."""
         gather = self.accelerator.gather
         self._metrics[mode]["gvpo/loss"].append(gather(loss.detach()).mean().item())
         self._metrics[mode]["gvpo/implicit_reward"].append(gather(stats.implicit_reward).mean().item())
         self._metrics[mode]["gvpo/grad_seq_logprob_abs"].append(gather(stats.grad_seq_logprob.abs()).mean().item())
+        counts = mask.sum(dim=1).float()
+        totals = self.accelerator.reduce(torch.stack([(stats.entropy * counts).sum(), counts.sum()]), reduction="sum")
+        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+class _FusedTokenLogprobs:
+    """What GVPOTrainer hands TRL's ``_get_per_token_logps_and_entropies`` as its model: called as TRL calls its
+    fused LM head (``model(**inputs, labels=labels, fused_lm_head=True)``, labels (b, T) int64, -100 where not
+    scored), it returns ``log_probs`` and ``entropy`` (b, logits_to_keep) float32 (0 where not scored; entropy
+    None unless asked for), the positions TRL keeps, and ``aux_loss``."""
+
+    def __init__(self, trainer: GVPOTrainer, model, logits_to_keep: int, compute_entropy: bool):
+        self.trainer, self.model, self.keep, self.compute_entropy = trainer, model, logits_to_keep, compute_entropy
+
+    def __call__(self, *, labels, fused_lm_head=False, **model_inputs):
+        if not fused_lm_head:
+            raise RuntimeError("GVPOTrainer: TRL's _get_per_token_logps_and_entropies did not call the model with "
+                               "fused_lm_head=True; this TRL version is not supported (tested: trl 1.16)")
+        trainer = self.trainer
+        hidden, (weight, bias, dtype), aux_loss = trainer._last_hidden_state(self.model, model_inputs)
+        hidden, labels = hidden[:, :-1][:, -self.keep:], labels[:, 1:][:, -self.keep:]  # hidden[:, t] scores t + 1
+        with _no_autocast(hidden.device.type):
+            out = linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels,
+                                        bias=None if bias is None else bias.to(dtype), temperature=trainer.temperature,
+                                        return_entropy=self.compute_entropy, backend=trainer.args.gvpo_backend)
+        log_probs, entropy = out if self.compute_entropy else (out, None)
+        return SimpleNamespace(log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
 
 
 def lm_head_dtype(cast_lm_head_to_fp32: bool, autocast_dtype: torch.dtype | None,
@@ -321,6 +402,11 @@ def shuffle_whole_groups(batch: dict[str, Any], group_ids: torch.Tensor) -> dict
         return [value[i] for i in rows.tolist()]
 
     return {key: permute(value) for key, value in batch.items()}
+
+
+def _causal_lm(model):
+    """The transformers model under a PEFT wrapper (``get_base_model()``), else ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _lm_head_params(model):
