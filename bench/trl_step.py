@@ -12,7 +12,7 @@ comparison is GVPOTrainer (``gvpo_kernels.linear_gvpo_loss``, backend "auto": th
 GRPOTrainer with that head, both with TRL's defaults otherwise (GRPO: loss_type "dapo", beta 0, no reference model).
 
 The model is a randomly initialised Qwen2 built here (nothing is downloaded) with a word-level tokenizer of the
-same vocabulary; float32 (``bf16=False``: CPUs without bfloat16 matmul units emulate it). Two measurements, each
+same vocabulary; float32 (``bf16=False``: CPUs without bfloat16 matmul units emulate it). Three measurements, each
 in a fresh process per trainer (``--run``; the update shapes one after the other, smallest first), the trainers
 taking turns:
 
@@ -21,6 +21,11 @@ taking turns:
   part of a step the two trainers do differently. A warm-up call, then the peak RSS growth of one call over the
   RSS before it (parameter gradients released first, so they count; ``MALLOC_MMAP_THRESHOLD_`` set so that freed
   buffers go back to the system), then the median of up to 5 timed calls (bench/measure.py's helpers).
+* ``logps``: the old-policy log-prob pass that TRL runs on each generation batch with ``num_iterations > 1`` (and
+  the reference pass with ``beta != 0``): ``trainer._get_per_token_logps_and_entropies`` without gradients on the
+  same batch, in one chunk of B rows as TRL calls it; GRPOTrainer's is TRL's fused head, GVPOTrainer's runs the
+  model for the last hidden state and :func:`gvpo_kernels.linear_token_logprobs`. Measured as ``update``; the
+  sum of the log-probs is recorded (``logps_sum``), the same for both to float32 rounding.
 * ``step``: ``trainer.train()`` for a few steps, each generating B completions of exactly C tokens
   (``min_new_tokens``) for B / G prompts, scoring them, one update and an AdamW step; the time per step is TRL's
   own ``step_time`` metric (median over the steps after the first), the memory is the peak RSS growth of the
@@ -161,6 +166,29 @@ def run_update(name: str, m: dict, shape: dict) -> dict:
     return dict(peak_mib=peak_mib, loss=losses[-1], **{f"{k}_ms" if k != "reps" else k: v for k, v in timing.items()})
 
 
+def run_logps(name: str, m: dict, shape: dict) -> dict:
+    from measure import peak_memory_mib, time_ms
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(name, m, shape, out)
+        model, batch = trainer.model, make_batch(m, shape)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        sums = []
+
+        def call():
+            with torch.no_grad():
+                logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, shape["C"], batch_size=shape["B"])
+            sums.append(float(logps.sum()))
+
+        call()  # warm-up
+        peak_mib, first_ms = peak_memory_mib(call, "cpu", [])
+        timing = time_ms(call, dict(device="cpu", reps=5, min_reps=3, max_time_s=10.0), first=first_ms)
+    return dict(peak_mib=peak_mib, logps_sum=sums[-1],
+                **{f"{k}_ms" if k != "reps" else k: v for k, v in timing.items()})
+
+
 def _rss_mib(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -187,7 +215,7 @@ def run_step(name: str, m: dict, shape: dict) -> dict:
 def run(spec: dict) -> None:
     """What a fresh process does: one trainer's measurements of one phase, one RESULT line per shape."""
     torch.set_num_threads(spec["threads"])
-    measure = run_update if spec["phase"] == "update" else run_step
+    measure = dict(update=run_update, logps=run_logps, step=run_step)[spec["phase"]]
     for shape in spec["shapes"]:
         print("RESULT " + json.dumps(measure(spec["trainer"], spec["model"], shape)), flush=True)
 
@@ -227,8 +255,9 @@ def markdown(report: dict) -> str:
              f"{report['runtime_s']:.0f} s",
              "",
              f"Model: random Qwen2, V {m['vocab']}, H {m['hidden']}, {m['layers']} layers, float32. "
-             "update = compute_loss + backward on one fixed micro-batch; step = generate, score, update, AdamW "
-             "(TRL's step_time).",
+             "update = compute_loss + backward on one fixed micro-batch; logps = the old-policy (or reference) "
+             "log-prob pass, no grad, on the same batch (`_get_per_token_logps_and_entropies`); step = generate, "
+             "score, update, AdamW (TRL's step_time).",
              "",
              "| measurement | shape | trainer | ms | × GRPO time | peak MiB | × GRPO memory |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -245,6 +274,10 @@ def markdown(report: dict) -> str:
         ratio_m = row["peak_mib"] / grpo["peak_mib"] if grpo.get("peak_mib") else None
         lines.append(f"| {row['phase']} | {_label(row['phase'], row['shape'])} | {row['trainer']} | "
                      f"{_fmt(row['median_ms'])} | {_fmt(ratio_t)} | {_fmt(row['peak_mib'])} | {_fmt(ratio_m)} |")
+    sums = [f"{_label('logps', r['shape'])} {r['trainer']} {r['logps_sum']:.6g}" for r in report["rows"]
+            if "logps_sum" in r]
+    if sums:
+        lines += ["", "Sum of the log-probs of each logps pass (the two trainers agree): " + "; ".join(sums) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -280,7 +313,8 @@ def main() -> None:
         return
 
     m = QUICK_MODEL if args.quick else MODEL
-    phases = [("update", QUICK_UPDATE_SHAPES if args.quick else UPDATE_SHAPES),
+    update_shapes = QUICK_UPDATE_SHAPES if args.quick else UPDATE_SHAPES
+    phases = [("update", update_shapes), ("logps", update_shapes),
               ("step", [QUICK_STEP_SHAPE if args.quick else STEP_SHAPE])]
     start, rows = time.perf_counter(), []
     for phase, shapes in phases:
