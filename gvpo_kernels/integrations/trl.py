@@ -51,8 +51,8 @@ loss, the mean implicit reward ``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``
 TRL still computes ``old_per_token_logps`` where it would for GRPO (``num_iterations > 1``, ...), unused.
 
 Limits: the model must compute its logits as ``lm_head(last hidden state)``; logit scaling or soft-capping (Gemma-2,
-Cohere, Granite, ...) is refused at construction, and the first step checks the hidden state against the model's
-own last-position logits. DeepSpeed ZeRO-3 is refused (the LM head's weight is read outside its module); FSDP2
+Cohere, Granite, ...) is refused at construction (the policy and TRL's reference model), and the first forward of
+each checks its hidden state against its own last-position logits. DeepSpeed ZeRO-3 is refused (the LM head's weight is read outside its module); FSDP2
 DTensor weights are gathered with ``full_tensor()``; an LM head carrying a PEFT adapter is refused.
 """
 
