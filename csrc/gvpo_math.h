@@ -13,9 +13,15 @@
 // 0 instead of -inf (no -inf - -inf = NaN in its sum): its sum of exponentials is 0, its lse -inf, and its token
 // log-prob NaN, which is what torch.log_softmax gives such a row.
 //
+// Entropy. H = -sum_v p_v log p_v comes from the same pass as the log-sum-exp, by one more running sum: relative
+// to a shift m (the maximum), L = sum_v exp(z_v - m) and A = sum_v exp(z_v - m) (z_v - m) <= 0 give
+// lse = m + log L and H = log L - A / L (no cancellation of lse against E[z] where the row is peaked). A column
+// with p = 0 adds exactly 0 to A (never 0 * -inf), and its gradient is exactly 0 as well.
+//
 // exp_f32 is the exponential every kernel uses. The row routines read a row x[0 .. len) of float32 values and
 // a scale s (1 / temperature), and work on z = x * s, the logits divided by the temperature; none of them
-// allocates. They know nothing of tokens, sequences or groups: rows.cpp applies them row by row.
+// allocates. They know nothing of tokens, sequences or groups: rows.cpp applies them row by row. Their kEntropy
+// flag adds the entropy's sum (forward) or term (backward); without it they are the loss's loops, unchanged.
 #pragma once
 
 #include <cmath>
@@ -72,18 +78,76 @@ inline float row_max(const float* x, int64_t len) {
 // The shift that a sum of exp(z - shift) subtracts, for the running maximum m of z: m, or 0 where m is -inf.
 inline float lse_shift(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.0f : m; }
 
-// sum_j exp(x[j] * s - shift).
-inline float row_sum_exp(const float* x, int64_t len, float s, float shift) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < len; ++j) sum += exp_f32(x[j] * s - shift);
-  return sum;
+// A column's share of the entropy's sum A: e * d for e = exp(d), exactly 0 where e is 0 (d = -inf); NaN stays.
+inline float entropy_term(float e, float d) { return e == 0.0f ? 0.0f : e * d; }
+
+// H = log L - A / L from the sums L and A relative to one shift (see the top of this file).
+inline float entropy_of(float sum, float weighted) { return std::log(sum) - weighted / sum; }
+
+// The sums of a row relative to `shift`: sum_j exp(x[j] * s - shift) and, with kEntropy, the entropy's A.
+struct SumExp {
+  float sum, weighted;
+};
+
+template <bool kEntropy = false>
+inline SumExp row_sum_exp(const float* x, int64_t len, float s, float shift) {
+  float sum = 0.0f, weighted = 0.0f;
+#pragma omp simd reduction(+ : sum, weighted)
+  for (int64_t j = 0; j < len; ++j) {
+    const float d = x[j] * s - shift;
+    const float e = exp_f32(d);
+    sum += e;
+    if constexpr (kEntropy) weighted += entropy_term(e, d);
+  }
+  return {sum, weighted};
 }
 
-// out[j] = -coef * exp(x[j] * s - lse): minus coef times the softmax; out may be x itself.
-inline void row_neg_softmax(const float* x, float* out, int64_t len, float s, float lse, float coef) {
+// dL/dz_v of one token but for its one-hot part, for p = exp(d), d = z_v - lse, where the loss holds c_lp times
+// the token's log-prob and (kEntropy) c_ent times its entropy h: -c_lp p, + c_ent p (-d - h) with kEntropy
+// (exactly 0 where p is 0: never 0 * inf).
+template <bool kEntropy>
+inline float softmax_grad(float p, float d, float c_lp, float c_ent, float h) {
+  if constexpr (kEntropy) {
+    return p == 0.0f ? 0.0f : p * (-c_ent * (d + h) - c_lp);
+  } else {
+    return -c_lp * p;
+  }
+}
+
+// dL/dz_t at the token's target t: c_lp (1 - p) (no cancellation where p is near 1), + the entropy's part.
+template <bool kEntropy>
+inline float target_grad(float p, float d, float c_lp, float c_ent, float h) {
+  if constexpr (kEntropy) {
+    return c_lp * (1.0f - p) + softmax_grad<true>(p, d, 0.0f, c_ent, h);
+  } else {
+    return c_lp * (1.0f - p);
+  }
+}
+
+// The log-softmax d = z - lse of a logit in a backward pass. The loss's kernels (kEntropy false) pass
+// shift = lse and log_sum = 0: d = z - lse. With kEntropy, the logits path passes its row's shift (the maximum)
+// and log_sum = log L computed again: d = (z - shift) - log_sum, exact near the maximum whatever |z| is, where a
+// float32 lse of |lse| ~ 1e4 (T = 1e-4) would carry its rounding, an ulp of |lse|, into every probability and
+// give twice PyTorch's error on rows that are not one-hot.
+template <bool kEntropy>
+inline float log_softmax(float z, float shift, float log_sum) {
+  if constexpr (kEntropy) {
+    return (z - shift) - log_sum;
+  } else {
+    return z - shift;
+  }
+}
+
+// out[j] = softmax_grad(exp(d), d, ...) for d = log_softmax(x[j] * s, shift, log_sum): minus c_lp times the
+// softmax, + the entropy's part with kEntropy; out may be x itself.
+template <bool kEntropy = false>
+inline void row_softmax_grad(const float* x, float* out, int64_t len, float s, float shift, float log_sum,
+                             float c_lp, float c_ent = 0.0f, float h = 0.0f) {
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) out[j] = -coef * exp_f32(x[j] * s - lse);
+  for (int64_t j = 0; j < len; ++j) {
+    const float d = log_softmax<kEntropy>(x[j] * s, shift, log_sum);
+    out[j] = softmax_grad<kEntropy>(exp_f32(d), d, c_lp, c_ent, h);
+  }
 }
 
 }  // namespace gvpo

@@ -2,9 +2,11 @@
 //
 // For a chunk of r scored tokens (hidden (r, H), gathered by gvpo_kernels/cpu.py, which also picks the schedule):
 //
-//   linear_lse   token_logprob, lse (r,): the log-softmax of each token's logits / T at its target
-//   linear_grad  dL/dlogits = coef * (onehot(target) - exp(logits / T - lse)), contracted at once into
-//                d_hidden (r, H), d_weight (V, H) and d_bias (V,) (float32, accumulated over chunks or not)
+//   linear_lse   token_logprob, lse (r,): the log-softmax of each token's logits / T at its target, and where an
+//                entropy tensor is given, entropy (r,) of softmax(logits / T), from the same pass
+//   linear_grad  dL/dlogits = coef * (onehot(target) - p), p = exp(logits / T - lse), and where entropy and
+//                coef_entropy are given, + coef_entropy * p * (lse - logits / T - entropy), contracted at once
+//                into d_hidden (r, H), d_weight (V, H) and d_bias (V,) (float32, accumulated over chunks or not)
 //
 // Each thread owns a contiguous range of vocabulary rows (at::parallel_for over V: one parallel region per op,
 // whatever the sizes: on a machine shared with other work, every parallel region waits for a core) and walks it
@@ -14,6 +16,7 @@
 //   - linear_lse folds them into the thread's running maximum and sum of exponentials per token, tile by tile
 //     (kTileRows rows in L1: their maximum first, the running sum rescaled once where it grew, then one exp per
 //     logit), and picks the target's logit where it lies in the block; the threads' partials are merged after.
+//     With entropy, the entropy's running sum A (gvpo_math.h) is rescaled and summed alongside.
 //   - linear_grad turns them into dL/dlogits (in place when float32), then d_weight[v0:v1] (+)= g @ hidden and
 //     d_bias[v0:v1] (+)= row sums (rows the thread owns), and its own float32 d_hidden accumulator += g.T @ weight
 //     [v0:v1]; the accumulators are summed into d_hidden after, in thread order.
@@ -31,9 +34,9 @@
 // Shapes and dtypes: hidden (r, H) contiguous, weight (V, H) with a contiguous last dimension, bias (V,); all one
 // dtype: float32, bfloat16, float16 or float64 (GEMMs in float64 for float64, else float32; the rest float32).
 // target (r,) int64 >= 0 (>= V: the label lies in another rank's slice of the vocabulary, its logit counts as 0
-// and it gets no one-hot); token_logprob, lse, coef (r,) float32; logits_t (V, r) contiguous, float32 (float64
+// and it gets no one-hot); token_logprob, lse, coef, entropy, coef_entropy (r,) float32; logits_t (V, r) contiguous, float32 (float64
 // for float64 inputs); d_hidden (r, H), d_weight (V, H), d_bias (V,) contiguous float32. coef[t] = 0 gives token
-// t no gradient.
+// t no gradient (coef and coef_entropy).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -63,10 +66,11 @@ template <typename scalar_t>
 using logit_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The running log-sum-exp of tokens [0, width) over `rows` rows of a transposed block x (row stride ld): m (scaled
-// by s) and acc, with one exp per logit. A token whose logits so far are all -inf keeps m = -inf and acc = 0.
-template <typename x_t>
+// by s) and acc, with one exp per logit; with kEntropy, the entropy's sum `weighted` as well (relative to m).
+// A token whose logits so far are all -inf keeps m = -inf and acc = weighted = 0.
+template <bool kEntropy, typename x_t>
 void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, float* m, float* acc,
-              float* tile_max) {
+              float* weighted, float* tile_max) {
   for (int64_t v0 = 0; v0 < rows; v0 += kTileRows) {
     const int64_t v1 = std::min(v0 + kTileRows, rows);
     std::fill(tile_max, tile_max + width, -std::numeric_limits<float>::infinity());
@@ -81,26 +85,45 @@ void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, fl
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       const float grown = tile_max[j] * s > m[j] ? tile_max[j] * s : m[j];
-      acc[j] *= grown == m[j] ? 1.0f : exp_f32(m[j] - grown);  // (equal also when both are -inf)
+      const float rescale = grown == m[j] ? 1.0f : exp_f32(m[j] - grown);  // (equal also when both are -inf)
+      if constexpr (kEntropy) {  // A <- e^(m - m') (A + (m - m') L); nothing to rescale while L = 0
+        weighted[j] = grown == m[j] || acc[j] == 0.0f ? weighted[j]
+                                                      : rescale * (weighted[j] + (m[j] - grown) * acc[j]);
+      }
+      acc[j] *= rescale;
       m[j] = grown;
       tile_max[j] = lse_shift(grown);  // from here on: the shift of the tile's exponentials
     }
     for (int64_t v = v0; v < v1; ++v) {
       const x_t* row = x + v * ld;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) acc[j] += exp_f32(static_cast<float>(row[j]) * s - tile_max[j]);
+      for (int64_t j = 0; j < width; ++j) {
+        const float d = static_cast<float>(row[j]) * s - tile_max[j];
+        const float e = exp_f32(d);
+        acc[j] += e;
+        if constexpr (kEntropy) weighted[j] += entropy_term(e, d);
+      }
     }
   }
 }
 
-// One row of a transposed block, as its part of every token's gradient: out[j] = -c[j] * exp(x[j] * s - lse[j]),
-// 0 where c[j] is 0 (never -c times garbage); out may be x.
-template <typename x_t>
-void row_neg_softmax_columns(const x_t* x, float* out, int64_t width, float s, const float* lse, const float* c) {
+// Per-token inputs of a gradient: lse, coef and, with entropy, entropy and coef_entropy (else null), (r,) each.
+struct TokenCoefs {
+  const float *lse, *coef, *entropy, *coef_entropy;
+};
+
+// One row of a transposed block, as its part of every token's gradient: out[j] = softmax_grad (gvpo_math.h) of
+// x[j] * s - lse[j] with the token's coefficients (kEntropy: the entropy's too), 0 where they are all 0 (never
+// -c times garbage); out may be x.
+template <bool kEntropy, typename x_t>
+void row_softmax_grad_columns(const x_t* x, float* out, int64_t width, float s, const TokenCoefs& t) {
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
-    const float e = exp_f32(static_cast<float>(x[j]) * s - lse[j]);
-    out[j] = c[j] == 0.0f ? 0.0f : -c[j] * e;
+    const float d = static_cast<float>(x[j]) * s - t.lse[j];
+    const float e = exp_f32(d);
+    const float c_ent = kEntropy ? t.coef_entropy[j] : 0.0f;
+    const float g = softmax_grad<kEntropy>(e, d, t.coef[j], c_ent, kEntropy ? t.entropy[j] : 0.0f);
+    out[j] = t.coef[j] == 0.0f && c_ent == 0.0f ? 0.0f : g;
   }
 }
 
@@ -156,24 +179,27 @@ at::Tensor logits_operand(const Chunk& c, const BlockBuffers& buffers, int64_t v
   }
 }
 
-template <typename scalar_t>
+// kEntropy: entropy_out (r,) gets each token's entropy (else it is null).
+template <typename scalar_t, bool kEntropy>
 void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at::Tensor& lse,
-                       const std::optional<at::Tensor>& logits_t) {
+                       const std::optional<at::Tensor>& logits_t, float* entropy_out) {
   using x_t = logit_t<scalar_t>;
   const int64_t r = c.hidden.size(0), vocab = c.weight.size(0);
   const int64_t threads = at::get_num_threads();
-  // Per thread: running maximum, running sum, target logit (r each); a thread that gets no rows leaves them as is.
-  // A thread's vocabulary range is fixed by its number and the thread count, and the partials are merged in thread
-  // order: the same result run to run.
-  std::vector<float> partial(threads * 3 * r, 0.0f);
+  // Per thread: running maximum, running sum, target logit, entropy's sum (r each); a thread that gets no rows
+  // leaves them as is. A thread's vocabulary range is fixed by its number and the thread count, and the partials
+  // are merged in thread order: the same result run to run.
+  constexpr int64_t kParts = 4;
+  std::vector<float> partial(threads * kParts * r, 0.0f);
   for (int64_t t = 0; t < threads; ++t) {
-    std::fill_n(partial.data() + t * 3 * r, r, -std::numeric_limits<float>::infinity());
+    std::fill_n(partial.data() + t * kParts * r, r, -std::numeric_limits<float>::infinity());
   }
   at::parallel_for(0, vocab, c.block_rows, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // thread-local: the workers' ATen calls skip autograd too
-    float* m = partial.data() + at::get_thread_num() * 3 * r;
+    float* m = partial.data() + at::get_thread_num() * kParts * r;
     float* acc = m + r;
     float* label = acc + r;
+    float* weighted = label + r;
     std::vector<float> tile_max(r);
     const BlockBuffers buffers(c, !logits_t.has_value());
     for (int64_t v0 = begin; v0 < end; v0 += c.block_rows) {
@@ -181,7 +207,7 @@ void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at
       at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffers.logits.narrow(0, 0, rows);
       block_logits(c, logits_operand<scalar_t>(c, buffers, v0, rows), v0, z);
       const x_t* x = z.data_ptr<x_t>();
-      fold_lse(x, r, rows, r, c.s, m, acc, tile_max.data());
+      fold_lse<kEntropy>(x, r, rows, r, c.s, m, acc, weighted, tile_max.data());
       for (int64_t j = 0; j < r; ++j) {
         const int64_t v = c.target[j] - v0;
         if (v >= 0 && v < rows) label[j] = static_cast<float>(x[v * r + j]) * c.s;
@@ -192,16 +218,21 @@ void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at
   float* lse_out = lse.data_ptr<float>();
   for (int64_t j = 0; j < r; ++j) {  // merge the threads' partials
     float m = -std::numeric_limits<float>::infinity(), label = 0.0f;
-    for (int64_t t = 0; t < threads; ++t) m = std::max(m, partial[t * 3 * r + j]);
+    for (int64_t t = 0; t < threads; ++t) m = std::max(m, partial[t * kParts * r + j]);
     const float shift = lse_shift(m);
-    float sum = 0.0f;
+    float sum = 0.0f, weighted = 0.0f;
     for (int64_t t = 0; t < threads; ++t) {
-      const float* p = partial.data() + t * 3 * r;
-      if (p[r + j] != 0.0f) sum += p[r + j] * exp_f32(p[j] - shift);  // (0: no rows, or all -inf; NaN stays)
+      const float* p = partial.data() + t * kParts * r;
+      if (p[r + j] != 0.0f) {  // (0: no rows, or all -inf; NaN stays)
+        const float rescale = exp_f32(p[j] - shift);
+        sum += p[r + j] * rescale;
+        if constexpr (kEntropy) weighted += rescale * (p[3 * r + j] + (p[j] - shift) * p[r + j]);
+      }
       label += p[2 * r + j];
     }
     lse_out[j] = shift + std::log(sum);
     logprob_out[j] = label - lse_out[j];
+    if constexpr (kEntropy) entropy_out[j] = entropy_of(sum, weighted);
   }
 }
 
@@ -226,17 +257,15 @@ void sum_in_order(const std::vector<at::Tensor>& parts, float* out, int64_t size
   });
 }
 
-template <typename scalar_t>
-void linear_grad_kernel(const Chunk& c, const at::Tensor& lse, const at::Tensor& coef,
-                        const std::optional<at::Tensor>& logits_t, const at::Tensor& d_hidden,
-                        const std::optional<at::Tensor>& d_weight, const std::optional<at::Tensor>& d_bias,
-                        bool accumulate) {
+// kEntropy: tokens.entropy and tokens.coef_entropy add the entropy's term (else they are null).
+template <typename scalar_t, bool kEntropy>
+void linear_grad_kernel(const Chunk& c, const TokenCoefs& tokens, const std::optional<at::Tensor>& logits_t,
+                        const at::Tensor& d_hidden, const std::optional<at::Tensor>& d_weight,
+                        const std::optional<at::Tensor>& d_bias, bool accumulate) {
   using x_t = logit_t<scalar_t>;
   const int64_t r = c.hidden.size(0), vocab = c.weight.size(0), hidden_size = c.hidden.size(1);
   constexpr bool kFloatLogits = std::is_same_v<x_t, float>;  // then the gradient overwrites the block's logits
   const at::Tensor hidden32 = c.hidden.to(at::kFloat);  // the float32 gradient meets float32 operands
-  const float* lse_in = lse.data_ptr<float>();
-  const float* coef_in = coef.data_ptr<float>();
   // Each thread's float32 d_hidden over its vocabulary range, summed in thread order after (deterministic).
   std::vector<at::Tensor> d_hidden_parts(at::get_num_threads());
   at::parallel_for(0, vocab, c.block_rows, [&](int64_t begin, int64_t end) {
@@ -245,7 +274,7 @@ void linear_grad_kernel(const Chunk& c, const at::Tensor& lse, const at::Tensor&
     bool part_written = false;
     const BlockBuffers buffers(c, !logits_t.has_value());
     at::Tensor grad_buffer = kFloatLogits ? at::Tensor() : at::empty({c.block_rows, r}, hidden32.options());
-    std::vector<float> target_grad(r);
+    std::vector<float> target_grads(r);
     for (int64_t v0 = begin; v0 < end; v0 += c.block_rows) {
       const int64_t rows = std::min(c.block_rows, end - v0);
       const at::Tensor w32 = buffers.weight_rows_f32(c, v0, rows);
@@ -256,14 +285,17 @@ void linear_grad_kernel(const Chunk& c, const at::Tensor& lse, const at::Tensor&
       float* gp = g.data_ptr<float>();
       for (int64_t j = 0; j < r; ++j) {  // the targets' entries, read before g (maybe x) is written
         const int64_t v = c.target[j] - v0;
-        const bool here = v >= 0 && v < rows && coef_in[j] != 0.0f;
-        const float p = here ? exp_f32(static_cast<float>(x[v * r + j]) * c.s - lse_in[j]) : 0.0f;
-        target_grad[j] = here ? coef_in[j] * (1.0f - p) : 0.0f;
+        const float c_ent = kEntropy ? tokens.coef_entropy[j] : 0.0f;
+        const bool here = v >= 0 && v < rows && (tokens.coef[j] != 0.0f || c_ent != 0.0f);
+        const float d = here ? static_cast<float>(x[v * r + j]) * c.s - tokens.lse[j] : 0.0f;
+        const float p = here ? exp_f32(d) : 0.0f;
+        const float h = kEntropy ? tokens.entropy[j] : 0.0f;
+        target_grads[j] = here ? target_grad<kEntropy>(p, d, tokens.coef[j], c_ent, h) : 0.0f;
       }
-      for (int64_t v = 0; v < rows; ++v) row_neg_softmax_columns(x + v * r, gp + v * r, r, c.s, lse_in, coef_in);
+      for (int64_t v = 0; v < rows; ++v) row_softmax_grad_columns<kEntropy>(x + v * r, gp + v * r, r, c.s, tokens);
       for (int64_t j = 0; j < r; ++j) {
         const int64_t v = c.target[j] - v0;
-        if (v >= 0 && v < rows) gp[v * r + j] = target_grad[j];
+        if (v >= 0 && v < rows) gp[v * r + j] = target_grads[j];
       }
       if (d_weight.has_value()) {
         at::Tensor dw = d_weight->narrow(0, v0, rows);
@@ -330,16 +362,29 @@ void check_logits_t(const std::optional<at::Tensor>& logits_t, const at::Tensor&
   }
 }
 
+// The data of an optional (r,) float32 tensor, checked; null where it is not given.
+float* optional_float(const std::optional<at::Tensor>& t, const char* name, int64_t r) {
+  if (!t.has_value()) return nullptr;
+  check_float(*t, name, {r});
+  return t->data_ptr<float>();
+}
+
 void linear_lse(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const at::Tensor& target, double inv_temperature, int64_t block_rows, const at::Tensor& token_logprob,
-                const at::Tensor& lse, const std::optional<at::Tensor>& logits_t) {
+                const at::Tensor& lse, const std::optional<at::Tensor>& logits_t,
+                const std::optional<at::Tensor>& entropy) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Chunk c = check_chunk(hidden, weight, bias, target, inv_temperature, block_rows);
   check_float(token_logprob, "token_logprob", {hidden.size(0)});
   check_float(lse, "lse", {hidden.size(0)});
   check_logits_t(logits_t, hidden, weight.size(0));
+  float* entropy_out = optional_float(entropy, "entropy", hidden.size(0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gvpo_linear_lse", [&] {
-    linear_lse_kernel<scalar_t>(c, token_logprob, lse, logits_t);
+    if (entropy_out != nullptr) {
+      linear_lse_kernel<scalar_t, true>(c, token_logprob, lse, logits_t, entropy_out);
+    } else {
+      linear_lse_kernel<scalar_t, false>(c, token_logprob, lse, logits_t, nullptr);
+    }
   });
 }
 
@@ -347,7 +392,8 @@ void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::
                  const at::Tensor& target, const at::Tensor& lse, const at::Tensor& coef, double inv_temperature,
                  int64_t block_rows, const std::optional<at::Tensor>& logits_t, const at::Tensor& d_hidden,
                  const std::optional<at::Tensor>& d_weight, const std::optional<at::Tensor>& d_bias,
-                 bool accumulate) {
+                 bool accumulate, const std::optional<at::Tensor>& entropy,
+                 const std::optional<at::Tensor>& coef_entropy) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Chunk c = check_chunk(hidden, weight, bias, target, inv_temperature, block_rows);
   check_float(lse, "lse", {hidden.size(0)});
@@ -356,8 +402,17 @@ void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::
   check_float(d_hidden, "d_hidden", hidden.sizes());
   if (d_weight.has_value()) check_float(*d_weight, "d_weight", weight.sizes());
   if (d_bias.has_value()) check_float(*d_bias, "d_bias", {weight.size(0)});
+  TORCH_CHECK(entropy.has_value() == coef_entropy.has_value(),
+              "gvpo: entropy and coef_entropy must be given together");
+  const TokenCoefs tokens{lse.data_ptr<float>(), coef.data_ptr<float>(),
+                          optional_float(entropy, "entropy", hidden.size(0)),
+                          optional_float(coef_entropy, "coef_entropy", hidden.size(0))};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gvpo_linear_grad", [&] {
-    linear_grad_kernel<scalar_t>(c, lse, coef, logits_t, d_hidden, d_weight, d_bias, accumulate);
+    if (tokens.entropy != nullptr) {
+      linear_grad_kernel<scalar_t, true>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
+    } else {
+      linear_grad_kernel<scalar_t, false>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
+    }
   });
 }
 
@@ -366,10 +421,11 @@ void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::
 
 TORCH_LIBRARY_FRAGMENT(gvpo, m) {
   m.def("linear_lse(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float inv_temperature, "
-        "int block_rows, Tensor(a!) token_logprob, Tensor(b!) lse, Tensor(c!)? logits_t) -> ()");
+        "int block_rows, Tensor(a!) token_logprob, Tensor(b!) lse, Tensor(c!)? logits_t, "
+        "Tensor(d!)? entropy=None) -> ()");
   m.def("linear_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse, Tensor coef, "
         "float inv_temperature, int block_rows, Tensor(a!)? logits_t, Tensor(b!) d_hidden, Tensor(c!)? d_weight, "
-        "Tensor(d!)? d_bias, bool accumulate) -> ()");
+        "Tensor(d!)? d_bias, bool accumulate, Tensor? entropy=None, Tensor? coef_entropy=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gvpo, CPU, m) {

@@ -12,8 +12,9 @@ compiler or ninja, :func:`unavailable_reason` says so, and backend="auto" runs t
 
 The kernels (``torch.ops.gvpo.*``): token_forward and token_backward (csrc/rows.cpp), one vectorised float32 pass
 per row of logits, rows in parallel; linear_lse and linear_grad (csrc/linear.cpp), the linear path on a chunk of
-tokens, GEMMs included, each one parallel region in which a thread owns a range of the vocabulary. The backend
-interface (see torch_impl) over them:
+tokens, GEMMs included, each one parallel region in which a thread owns a range of the vocabulary. Given an
+entropy tensor, the forward kernels also compute each token's entropy in the same pass, and the backward kernels
+add its gradient. The backend interface (see torch_impl) over them:
 
     token_forward(rows, target, temperature)                   -> token_logprob (N,), lse (N,)
     group_stage                                                   torch_impl's (O(N + S), no vocabulary)
@@ -21,8 +22,15 @@ interface (see torch_impl) over them:
     linear_forward(rows, weight, bias, target, temperature)     -> token_logprob (N,), lse (N,)
     linear_backward(rows, weight, bias, lay, lse, grad_seq_logprob, grad_loss, temperature)
                                                                 -> d_hidden (B', T', H), d_weight (V, H), d_bias (V,)
-    linear_loss_and_grads(rows, weight, bias, lay, beta, temperature, needs)
+    linear_loss_and_grads(rows, weight, bias, lay, beta, temperature, needs, entropy=False)
                                                                 -> loss, s, r, dL/ds, d_hidden, d_weight, d_bias
+                                                                   (, token_entropy (N,) with entropy=True)
+    token_stats_forward(rows, target, temperature)              -> token_logprob, lse, token_entropy (N,)
+    token_stats_backward(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature, out)
+    linear_token_stats_forward(rows, weight, bias, target, temperature)
+                                                                -> token_logprob, lse, token_entropy (N,)
+    linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, coef_logprob, coef_entropy,
+                                temperature)                    -> d_hidden, d_weight, d_bias
 
 linear_loss_and_grads is what ops.linear_loss_op calls: the forward and the gradients together, with the fewest
 GEMMs that the inputs allow (its docstring says when three are enough). Only scored rows are computed.
@@ -184,10 +192,19 @@ def _cpu_model() -> str:
 
 def token_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
     """rows (B', T', V), target (N,) -> token log-prob (N,), lse (N,), float32; both 0 where target < 0."""
-    token_logprob = empty(target.shape, dtype=torch.float32, device=rows.device)
-    lse = empty(target.shape, dtype=torch.float32, device=rows.device)
-    _kernels().token_forward(rows, target, 1.0 / temperature, token_logprob, lse)
-    return token_logprob, lse
+    return _token_forward(rows, target, temperature, entropy=False)
+
+
+def token_stats_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
+    """rows (B', T', V), target (N,) -> token log-prob, lse, entropy of softmax(rows / T) (N,) float32, from one
+    pass over each row; all 0 where target < 0."""
+    return _token_forward(rows, target, temperature, entropy=True)
+
+
+def _token_forward(rows, target, temperature: float, entropy: bool):
+    outs = [empty(target.shape, dtype=torch.float32, device=rows.device) for _ in range(3 if entropy else 2)]
+    _kernels().token_forward(rows, target, 1.0 / temperature, *outs)
+    return tuple(outs)
 
 
 def token_backward(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float, out):
@@ -197,21 +214,32 @@ def token_backward(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperat
     _kernels().token_backward(rows, lay.target, lse, coef, 1.0 / temperature, out)
 
 
+def token_stats_backward(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature: float, out):
+    """Write d(sum_n c_lp[n] T token_logprob[n] + c_ent[n] T token_entropy[n]) / drows into out (B', T', V), which
+    may be rows itself: c_lp (onehot - p) + c_ent p (lse - rows / T - H) per row, p = softmax(rows / T); rows that
+    are not scored get zeros. coef_logprob, coef_entropy (N,) float32: the upstream gradients / T, 0 where
+    target < 0; lse, token_entropy (N,) float32 from token_stats_forward."""
+    _kernels().token_backward(rows, target, lse, coef_logprob, 1.0 / temperature, out, token_entropy, coef_entropy)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the linear path
 
 
-def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperature: float, needs):
+def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperature: float, needs,
+                          entropy: bool = False):
     """The linear path's loss and statistics and, for grad_loss = 1, the gradients that ``needs`` asks for.
 
     Args:
         rows: (B', T', H) hidden states (``layout.as_rows``); weight (V, H); bias (V,) or None.
         needs: (hidden, weight, bias) booleans; the gradients not asked for are None (none asked for: no GEMM past
             the forward's).
+        entropy: also return each token's entropy, from the forward's pass (no extra GEMM).
 
     Returns:
         loss (), seq_logprob (S,), implicit_reward (S,), grad_seq_logprob (S,), d_hidden (B', T', H) in the hidden
-        dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32) or None.
+        dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32) or None; with entropy,
+        token_entropy (N,) float32 (0 where not scored) after them.
 
     The schedule. dL/dlogits of a token needs dL/ds of its sequence, which depends on the whole group's s. Where
     that coefficient is known once a chunk's log-sum-exps are, three GEMMs: the chunk's logits, kept (at most
@@ -223,46 +251,63 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
         contiguous and fit in one: once a chunk's log-probs are in, the s of its groups are complete and the
         group stage gives their dL/ds.
     """
-    work = _LinearWork(rows, weight, bias, lay.target, temperature, needs)
-    token_logprob = torch.zeros(lay.num_tokens, dtype=torch.float32, device=rows.device)
+    work = _LinearWork(rows, weight, bias, lay.target, temperature, needs, entropy)
+    token_logprob = work.token_logprob
     if any(needs) and lay.token_ref is None:  # three GEMMs, on-policy: the coefficients first
         coef = work.coef(lay, group_stage(token_logprob, lay, beta)[3])
         for chunk in work.chunks(keep=True):
-            token_logprob[chunk.tokens], lse = work.forward(chunk)
-            work.backward(chunk, lse, coef[chunk.tokens])
+            work.backward(chunk, work.forward(chunk), coef[chunk.tokens])
     elif any(needs) and (group_chunks := work.group_chunks(lay)) is not None:  # three GEMMs, whole groups
         for chunk in group_chunks:
-            token_logprob[chunk.tokens], lse = work.forward(chunk)
+            lse = work.forward(chunk)
             coef = work.coef(lay, group_stage(token_logprob, lay, beta)[3])  # exact for every group seen so far
             work.backward(chunk, lse, coef[chunk.tokens])
     else:  # four GEMMs (or the forward alone)
-        lse = torch.zeros_like(token_logprob)
-        for chunk in work.chunks(keep=False):
-            token_logprob[chunk.tokens], lse[chunk.tokens] = work.forward(chunk)
+        lse = work.forward_all()
         if any(needs):
             coef = work.coef(lay, group_stage(token_logprob, lay, beta)[3])
             for chunk in work.chunks(keep=False):
                 work.backward(chunk, lse[chunk.tokens], coef[chunk.tokens])
-    return (*group_stage(token_logprob, lay, beta), *work.grads())
+    out = (*group_stage(token_logprob, lay, beta), *work.grads())
+    return (*out, work.token_entropy) if entropy else out
 
 
 def linear_forward(rows: torch.Tensor, weight, bias, target: torch.Tensor, temperature: float):
     """rows (B', T', H) hidden, weight (V, H) -> token log-prob (N,), lse (N,), float32, 0 where not scored."""
     work = _LinearWork(rows, weight, bias, target, temperature)
-    token_logprob = torch.zeros(target.shape, dtype=torch.float32, device=rows.device)
-    lse = torch.zeros_like(token_logprob)
-    for chunk in work.chunks(keep=False):
-        token_logprob[chunk.tokens], lse[chunk.tokens] = work.forward(chunk)
-    return token_logprob, lse
+    return work.token_logprob, work.forward_all()
+
+
+def linear_token_stats_forward(rows: torch.Tensor, weight, bias, target: torch.Tensor, temperature: float):
+    """rows (B', T', H) hidden, weight (V, H), bias (V,) or None -> token log-prob, lse, entropy of
+    softmax(logits / T) (N,) float32, 0 where not scored; the logits never held whole (as linear_forward)."""
+    work = _LinearWork(rows, weight, bias, target, temperature, entropy=True)
+    lse = work.forward_all()
+    return work.token_logprob, lse, work.token_entropy
 
 
 def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float):
     """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype: the
     gradient pass of the four-GEMM schedule (logits recomputed, lse from the forward)."""
-    work = _LinearWork(rows, weight, bias, lay.target, temperature, (True, True, bias is not None))
     coef = torch_impl._token_coef(lay, grad_seq_logprob, grad_loss, temperature)
+    return _linear_grads(rows, weight, bias, lay.target, temperature, lse, coef)
+
+
+def linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, coef_logprob, coef_entropy,
+                                temperature: float):
+    """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) (None without bias) in the weight
+    dtype, accumulated in float32, of sum_n c_lp[n] T token_logprob[n] + c_ent[n] T token_entropy[n]: the logits
+    recomputed chunk by chunk. coef_logprob, coef_entropy (N,) float32: the upstream gradients / T, 0 where
+    target < 0; lse, token_entropy (N,) float32 from linear_token_stats_forward."""
+    return _linear_grads(rows, weight, bias, target, temperature, lse, coef_logprob, token_entropy, coef_entropy)
+
+
+def _linear_grads(rows, weight, bias, target, temperature: float, lse, coef, token_entropy=None, coef_entropy=None):
+    """The four-GEMM schedule's gradient pass over every chunk; the entropy's term where token_entropy is given."""
+    work = _LinearWork(rows, weight, bias, target, temperature, (True, True, bias is not None))
     for chunk in work.chunks(keep=False):
-        work.backward(chunk, lse[chunk.tokens], coef[chunk.tokens])
+        entropy_args = () if token_entropy is None else (token_entropy[chunk.tokens], coef_entropy[chunk.tokens])
+        work.backward(chunk, lse[chunk.tokens], coef[chunk.tokens], *entropy_args)
     return work.grads()
 
 
@@ -283,9 +328,11 @@ class _Chunk:
 
 class _LinearWork:
     """One linear call's scored rows (unscored rows cost nothing) in chunks, the C++ passes over a chunk
-    (csrc/linear.cpp: linear_lse, linear_grad) and the float32 gradient accumulators."""
+    (csrc/linear.cpp: linear_lse, linear_grad), the forward's outputs token_logprob and (entropy=True)
+    token_entropy (N,) float32 (0 where not scored), and the float32 gradient accumulators."""
 
-    def __init__(self, rows, weight, bias, target, temperature: float, needs=(False, False, False)):
+    def __init__(self, rows, weight, bias, target, temperature: float, needs=(False, False, False),
+                 entropy: bool = False):
         self.rows_shape, self.bias, self.target = rows.shape, bias, target
         self.weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         self.flat_hidden = rows.reshape(-1, rows.shape[-1])  # a view, except for hidden that is not (copy, N x H)
@@ -294,6 +341,8 @@ class _LinearWork:
         self._buffer = None
         device, dtype, (vocab, hidden_size) = rows.device, rows.dtype, weight.shape
         f32 = dict(dtype=torch.float32, device=device)
+        self.token_logprob = torch.zeros(target.shape, **f32)
+        self.token_entropy = torch.zeros(target.shape, **f32) if entropy else None
         all_scored = self.scored.numel() == target.numel()  # then every row of d_hidden is written by a chunk
         self.d_hidden = ((torch.empty if all_scored else torch.zeros)(self.flat_hidden.shape, dtype=dtype,
                                                                        device=device) if needs[0] else None)
@@ -355,21 +404,33 @@ class _LinearWork:
         return max(16, rows)
 
     def forward(self, chunk: _Chunk):
-        """token log-prob, lse (r,) float32 of the chunk's tokens (their logits kept in chunk.logits_t if any)."""
-        token_logprob, lse = [empty(chunk.target.shape, dtype=torch.float32, device=chunk.target.device)
-                              for _ in range(2)]
+        """The chunk's lse (r,) float32; its token log-probs (and entropies) go to token_logprob (token_entropy),
+        its logits to chunk.logits_t if any."""
+        outs = [empty(chunk.target.shape, dtype=torch.float32, device=chunk.target.device)
+                for _ in range(2 if self.token_entropy is None else 3)]
         _kernels().linear_lse(chunk.hidden, self.weight, self.bias, chunk.target, self.inv_temperature,
-                              self.block_rows(chunk), token_logprob, lse, chunk.logits_t)
-        return token_logprob, lse
+                              self.block_rows(chunk), outs[0], outs[1], chunk.logits_t, *outs[2:])
+        self.token_logprob[chunk.tokens] = outs[0]
+        if self.token_entropy is not None:
+            self.token_entropy[chunk.tokens] = outs[2]
+        return outs[1]
 
-    def backward(self, chunk: _Chunk, lse, coef):
-        """Add the chunk's gradients (its logits from chunk.logits_t if kept, else computed again)."""
+    def forward_all(self):
+        """The forward over every chunk, logits not kept: lse (N,) float32, 0 where not scored."""
+        lse = torch.zeros_like(self.token_logprob)
+        for chunk in self.chunks(keep=False):
+            lse[chunk.tokens] = self.forward(chunk)
+        return lse
+
+    def backward(self, chunk: _Chunk, lse, coef, token_entropy=None, coef_entropy=None):
+        """Add the chunk's gradients (its logits from chunk.logits_t if kept, else computed again); lse, coef and
+        the entropy's token_entropy, coef_entropy (r,) float32 are the chunk's tokens'."""
         direct = self.d_hidden is not None and self.d_hidden.dtype == torch.float32 and chunk.span
         d_hidden = (self.d_hidden[chunk.span] if direct
                     else empty(chunk.hidden.shape, dtype=torch.float32, device=chunk.hidden.device))
         _kernels().linear_grad(chunk.hidden, self.weight, self.bias, chunk.target, lse, coef, self.inv_temperature,
                                self.block_rows(chunk), chunk.logits_t, d_hidden, self.d_weight, self.d_bias,
-                               not self.first_chunk)
+                               not self.first_chunk, token_entropy, coef_entropy)
         self.first_chunk = False
         if self.d_hidden is not None and not direct:
             self.d_hidden.index_copy_(0, chunk.tokens, d_hidden.to(self.d_hidden.dtype))
