@@ -125,10 +125,10 @@ inline float target_grad(float p, float d, float c_lp, float c_ent, float h) {
 }
 
 // The log-softmax d = z - lse of a logit in a backward pass. The loss's kernels (kEntropy false) pass
-// shift = lse and log_sum = 0: d = z - lse. With kEntropy, the logits path passes its row's shift (the maximum)
-// and log_sum = log L computed again: d = (z - shift) - log_sum, exact near the maximum whatever |z| is, where a
-// float32 lse of |lse| ~ 1e4 (T = 1e-4) would carry its rounding, an ulp of |lse|, into every probability and
-// give twice PyTorch's error on rows that are not one-hot.
+// shift = lse and log_sum = 0: d = z - lse. With kEntropy, the logits path passes, where |lse| is large, its
+// row's shift (the maximum) and log_sum = log L computed again: d = (z - shift) - log_sum, exact near the maximum
+// whatever |z| is, where a float32 lse of |lse| ~ 1e4 (T = 1e-4) would carry its rounding, an ulp of |lse|, into
+// every probability and give twice PyTorch's error on rows that are not one-hot (rows.cpp, kExactLse).
 template <bool kEntropy>
 inline float log_softmax(float z, float shift, float log_sum) {
   if constexpr (kEntropy) {

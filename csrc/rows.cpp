@@ -8,7 +8,7 @@
 //   token_backward  grad[n] = coef[n] * (onehot(target[n]) - p), p = exp(rows[n] / T - lse[n]), and where
 //                   entropy and coef_entropy are given, + coef_entropy[n] * p * (lse[n] - rows[n] / T - entropy[n])
 //                   (the gradient of coef * token_logprob + coef_entropy * entropy in rows / T); the entropy's
-//                   variant computes the row's lse again rather than read it (gvpo_math.h, log_softmax)
+//                   variant computes a row's lse again where |lse| >= kExactLse (gvpo_math.h, log_softmax)
 //
 // Rows whose target is negative are not scored: they are never read, their outputs are 0 (token_logprob, lse,
 // entropy, and the whole gradient row). A target >= V is scored but lies in another rank's slice of the
@@ -79,6 +79,11 @@ void store_row(const float* g, out_t* out, int64_t len) {
   }
 }
 
+// The entropy's backward reads the forward's lse where |lse| < kExactLse: its rounding (at most 4e-6 relative in
+// every probability) is then within PyTorch's own error at logits of that size. Beyond (small temperatures), it
+// computes the row's shift and log-sum again (gvpo_math.h, log_softmax).
+constexpr float kExactLse = 64.0f;
+
 // Rows per parallel task: enough elements that a task outweighs the cost of starting it.
 int64_t grain_rows(int64_t vocab) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
@@ -146,9 +151,11 @@ void token_backward_kernel(const at::Tensor& rows, const at::Tensor& target, con
       const float* x = load_row(x_rows[n], vocab, scratch.data());
       float* g = work_row(out, scratch.data());  // x and g may share memory: each element is read, then written
       float shift = lse_in[n], log_sum = 0.0f;  // see log_softmax in gvpo_math.h
-      if constexpr (kEntropy) {  // the forward's shift and sum again: two more passes, one exp per logit
-        shift = lse_shift(row_max(x, vocab) * s);
-        log_sum = std::log(row_sum_exp(x, vocab, s, shift).sum);
+      if constexpr (kEntropy) {
+        if (!(std::fabs(shift) < kExactLse)) {  // the forward's shift and sum again: two passes, one exp per logit
+          shift = lse_shift(row_max(x, vocab) * s);
+          log_sum = std::log(row_sum_exp(x, vocab, s, shift).sum);
+        }
       }
       const float h = kEntropy ? entropy_in[n] : 0.0f;
       const float d_target = t < vocab ? log_softmax<kEntropy>(x[t] * s, shift, log_sum) : 0.0f;
