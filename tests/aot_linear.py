@@ -4,7 +4,8 @@
                                           Qwen2.5-7B (H 3584, V 152064) and Llama-3-8B (H 4096, V 128256), bf16,
                                           N 16384 (hidden[:, :-1] of 16 x 1025), with and without a bias, on meta
                                           tensors: forward, forward storing exponentials (three GEMMs), the
-                                          recomputing backward (four GEMMs) and the elementwise G pass
+                                          recomputing backward (four GEMMs), each also as its ENTROPY variant
+                                          (labels "..._entropy"), and the elementwise G pass
     check(label, arch, props)             AssertionError unless the compiled kernel has what a near-floor GEMM needs
 
 ``props`` is what tests/aot.py's compile_plan returns; the keys read here: regs, spill_st / spill_ld (bytes),
@@ -20,6 +21,10 @@ from gvpo_kernels.triton.plan import Device
 N_TOKENS = 16384
 SHAPES = ((3584, 152064), (4096, 128256))  # (H, V)
 MAX_REGISTERS = 168  # three warpgroups' worth: room for a second CTA's warps on sm_90
+# The forwards with entropy reduce two sums per tile row (exponentials, and p log p terms), which costs sm_90 about
+# 15-30 registers more than the plain forward (176-184 with Triton 3.9, no spills); their shared memory (96 / 128 KB)
+# already holds an SM to one CTA of 8 warps, so that changes no occupancy. Their own bound, and no spills:
+MAX_REGISTERS_ENTROPY_FORWARD = 192
 MIN_TOKENS_PER_TILE = 128
 
 
@@ -39,17 +44,22 @@ def linear_plans(device: Device) -> list:
         scored, target = _meta((N_TOKENS,), i64), _meta((N_TOKENS,), i64)
         lse, coef = _meta((N_TOKENS,), f32), _meta((N_TOKENS,), f32)
         splits = linear.num_splits(N_TOKENS, vocab, config, device)
-        parts = _meta((3, splits, N_TOKENS), f32)
         chunk_rows = linear.CHUNK_BYTES // (vocab * 2) // config["BLOCK_N"] * config["BLOCK_N"]
         chunk = _meta((chunk_rows,), i64)
         exp = _meta((chunk_rows, vocab), bf16)
         tile_max = _meta((chunk_rows, triton.cdiv(vocab, store["BLOCK_V"])), f32)
-        chunk_parts = _meta((3, linear.num_splits(chunk_rows, vocab, store, device), chunk_rows), f32)
+        chunk_splits = linear.num_splits(chunk_rows, vocab, store, device)
         for bias in (None, _meta((vocab,), bf16)):
-            plans.append(linear.forward_plan(rows, weight, bias, scored, target, parts, 1.0, device))
-            plans.append(linear.forward_plan(rows, weight, bias, chunk, target, chunk_parts, 1.0, device, exp,
-                                             tile_max))
+            for stats in (3, 4):  # 4: the ENTROPY variants (one more partial sum per split)
+                parts = _meta((stats, splits, N_TOKENS), f32)
+                chunk_parts = _meta((stats, chunk_splits, chunk_rows), f32)
+                plans.append(linear.forward_plan(rows, weight, bias, scored, target, parts, 1.0, device))
+                plans.append(linear.forward_plan(rows, weight, bias, chunk, target, chunk_parts, 1.0, device, exp,
+                                                 tile_max))
             plans.append(linear.backward_plan(rows, weight, bias, chunk, target, lse, coef, exp, 1.0, device))
+            entropy = dict(token_entropy=_meta((N_TOKENS,), f32), coef_entropy=_meta((N_TOKENS,), f32))
+            plans.append(linear.backward_plan(rows, weight, bias, chunk, target, lse, coef, exp, 1.0, device,
+                                              **entropy))
         plans.append(linear.grad_from_exp_plan(exp, tile_max, _meta((chunk_rows,), i64), _meta((chunk_rows,), f32),
                                                _meta((chunk_rows,), f32), store["BLOCK_V"]))
     return plans
@@ -64,9 +74,10 @@ def _tile(label: str) -> dict:
 
 def check(label: str, arch: int, props: dict) -> None:
     """Raise AssertionError unless the compiled linear kernel ``label`` (bf16) has, on sm_90: no spills, at most
-    MAX_REGISTERS registers, both operands loaded asynchronously (TMA, or as many 16-byte cp.async as the stages
-    of both tiles need), wgmma with tiles of >= 128 tokens; on sm_80 the same with mma.sync and no register
-    limit; the elementwise G pass: no spills and 16-byte loads."""
+    MAX_REGISTERS registers (MAX_REGISTERS_ENTROPY_FORWARD for the forwards with entropy), both operands loaded
+    asynchronously (TMA, or as many 16-byte cp.async as the stages of both tiles need), wgmma with tiles of >= 128
+    tokens; on sm_80 the same with mma.sync and no register limit; the elementwise G pass: no spills and 16-byte
+    loads."""
     spills = (props.get("spill_st") or 0) + (props.get("spill_ld") or 0)
     assert spills == 0, f"{label} sm_{arch}: {spills} bytes of spills"
     if label.startswith("linear_grad_from_exp"):
@@ -82,6 +93,8 @@ def check(label: str, arch: int, props: dict) -> None:
         "stage of both operands: an operand is loaded synchronously")
     if arch >= 90:
         assert props["wgmma"] > 0, f"{label} sm_{arch}: no wgmma"
-        assert props["regs"] <= MAX_REGISTERS, f"{label} sm_{arch}: {props['regs']} registers > {MAX_REGISTERS}"
+        entropy_forward = label.startswith("linear_fwd") and "_entropy " in label
+        limit = MAX_REGISTERS_ENTROPY_FORWARD if entropy_forward else MAX_REGISTERS
+        assert props["regs"] <= limit, f"{label} sm_{arch}: {props['regs']} registers > {limit}"
     else:
         assert props["mma_sync"] > 0, f"{label} sm_{arch}: no mma.sync"

@@ -51,9 +51,12 @@ def test_plans_do_not_depend_on_lengths_through_constexprs():
         rows = meta((num_seqs, seq_len + 1, 152064), torch.bfloat16)[:, :-1]
         lay = aot_cases.token_layout(num_tokens=n, num_seqs=num_seqs)
         outs = [meta((num_seqs,), f32) for _ in range(3)] + [meta((lay.num_groups,), f32)]
+        per_token = [meta((n,), f32) for _ in range(4)]
         return [logprob.forward_plan(rows, lay.target, meta((n,), f32), meta((n,), f32), 1.0, H100),
+                logprob.forward_plan(rows, lay.target, *per_token[:2], 1.0, H100, token_entropy=per_token[2]),
                 logprob.backward_plan(rows, lay, meta((n,), f32), meta((num_seqs,), f32), meta((), f32), 1.0,
                                       meta(rows.shape, torch.bfloat16), H100),
+                logprob.stats_backward_plan(rows, lay.target, *per_token, 1.0, meta(rows.shape, torch.bfloat16), H100),
                 group.group_plan(meta((n,), f32), lay, 0.1, *outs, H100)]
 
     for a, b in zip(plans(64, 256), plans(16, 1000)):
@@ -100,6 +103,23 @@ def test_token_plans_refuse_a_per_token_tensor_they_would_misread(field, view):
             logprob.forward_plan(rows, lay.target, meta((64,), f32), meta((64,), f32), 1.0, H100)
 
 
+@pytest.mark.parametrize("view", [_strided, _expanded], ids=["strided", "stride0"])
+@pytest.mark.parametrize("field", ["target", "lse", "token_entropy", "coef_logprob", "coef_entropy"])
+def test_entropy_plans_refuse_a_per_token_tensor_they_would_misread(field, view):
+    """The ENTROPY variants read every per-token tensor through a raw pointer too."""
+    meta, f32 = aot_cases.meta, torch.float32
+    rows = meta((2, 32, 1000), torch.float32)
+    args = dict(target=meta((64,), torch.int64), lse=meta((64,), f32), token_entropy=meta((64,), f32),
+                coef_logprob=meta((64,), f32), coef_entropy=meta((64,), f32))
+    args[field] = view(args[field])
+    with pytest.raises(ValueError, match=field):
+        logprob.stats_backward_plan(rows, *args.values(), 1.0, meta(rows.shape, f32), H100)
+    if field in ("target", "token_entropy"):
+        with pytest.raises(ValueError, match=field):
+            logprob.forward_plan(rows, args["target"], meta((64,), f32), meta((64,), f32), 1.0, H100,
+                                 token_entropy=args["token_entropy"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # compiled
 
@@ -141,13 +161,17 @@ def test_no_spills(compiled):
 def test_logits_rows_move_in_16_byte_vectors(compiled):
     """Where a row starts 16-byte aligned (V a multiple of 8), every load and store of logits and gradients is
     16 bytes wide. What remains narrower is one value per row: the forward's int64 target (8 bytes) and its two
-    float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and grad_loss (4 bytes)."""
+    (three with entropy) float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and grad_loss
+    (4 bytes); with entropy, its target (8 bytes), lse, entropy, c_lp and c_ent (4 bytes)."""
     bad = []
     for r in _results(compiled, "logits"):
         if not (r["ok"] and aot_cases.vectorisable(r["label"])):
             continue
-        fwd = r["label"].startswith("fwd ")
-        want = dict(ld16=(1, None), ld8=(1, 1) if fwd else (2, 2), ld4=(0, 0) if fwd else (3, 3), ld2=(0, 0),
+        fwd = r["label"].startswith(("fwd ", "fwd-entropy "))
+        entropy_bwd = r["label"].startswith("bwd-entropy ")
+        ld8 = (1, 1) if fwd or entropy_bwd else (2, 2)
+        ld4 = (0, 0) if fwd else (4, 4) if entropy_bwd else (3, 3)
+        want = dict(ld16=(1, None), ld8=ld8, ld4=ld4, ld2=(0, 0),
                     st16=(0, 0) if fwd else (1, None), st8=(0, 0), st4=(0, None) if fwd else (0, 0), st2=(0, 0))
         for key, (lo, hi) in want.items():
             if r[key] < lo or (hi is not None and r[key] > hi):

@@ -82,6 +82,8 @@ from .plan import Device, Plan, device_of, launch
 CHUNK_BYTES = 1 << 30  # bytes of the per-chunk buffer (dL/dlogits, or the stored exponentials) in the backward
 GROUP_N = 8  # token blocks per group of the grouped tile order
 GRAD_BLOCK_N = 16  # token rows per program of the elementwise G pass
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+LOG_P_FLOOR = tl.constexpr(-128.0)  # exp(-128) is 0 in float32: log p clamped there changes no p log p, only -inf
 
 _LENGTHS = ["num_rows", "seq_len", "num_splits", "blocks_per_split"]  # vary per step: never specialised
 
@@ -136,6 +138,17 @@ def _label_logits(h_rows, w_ptr, bias_ptr, label_col, in_rows, hidden_size, stri
 
 
 @triton.jit
+def _xlogx_term(e, d):
+    """e * d for e = exp(d): a term of a sum of p log p, exactly 0 where d = -inf (never 0 * -inf = NaN)."""
+    return e * tl.maximum(d, -FLT_MAX)
+
+
+@triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _hidden_rows(h_ptr, rows_ptr, target_ptr, offs_n, in_rows, vocab_size, seq_len, stride_h_b, stride_h_t):
     """For the scored rows offs_n (BLOCK_N,): pointers to their hidden rows (B', T', H), the int32 column of each
     label in this vocabulary (-1 where the label lies in another rank's slice: target >= V), and their token ids."""
@@ -157,6 +170,7 @@ def linear_logprob_fwd_kernel(
     max_ptr,  # (SPLITS, M) float32 out: running max of logits / T
     sumexp_ptr,  # (SPLITS, M) float32 out: sum of exp(logits / T - max)
     label_ptr,  # (SPLITS, M) float32 out: the target's logit / T (0 in splits that do not hold it)
+    ent_ptr,  # (SPLITS, M) float32 out with ENTROPY: sum of exp(logits / T - max) (logits / T - max), <= 0
     exp_ptr,  # (M, V) out with STORE_EXP, input dtype: exp(logits / T - tile max); else unused
     tile_max_ptr,  # (M, cdiv(V, BLOCK_V)) float32 out with STORE_EXP: each tile's max (0 for a tile of -inf)
     # sizes and strides
@@ -177,6 +191,7 @@ def linear_logprob_fwd_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     STORE_EXP: tl.constexpr,
+    ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr,
@@ -192,6 +207,8 @@ def linear_logprob_fwd_kernel(
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     acc_exp = tl.zeros([BLOCK_N], tl.float32)
+    if ENTROPY:
+        acc_ent = tl.zeros([BLOCK_N], tl.float32)  # sum of exp(z - m) (z - m) of the tiles so far, relative to m
     v_begin = split * blocks_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, vocab_size)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -206,7 +223,14 @@ def linear_logprob_fwd_kernel(
         b_e = tl.exp(b_z - tile_safe[:, None])
         m_new = tl.maximum(m, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc_exp = acc_exp * tl.exp(m - m_safe) + tl.sum(b_e, axis=1) * tl.exp(tile_safe - m_safe)
+        if ENTROPY:  # both partials (the sums so far, the tile's) moved to the new max: e^d (A + d L)
+            tile_sum, tile_ent = tl.reduce((b_e, _xlogx_term(b_e, b_z - tile_safe[:, None])), 1, _add_pair)
+            alpha, beta = tl.exp(m - m_safe), tl.exp(tile_safe - m_safe)
+            acc_ent = (alpha * acc_ent + _xlogx_term(alpha, m - m_safe) * acc_exp + beta * tile_ent
+                       + _xlogx_term(beta, tile_safe - m_safe) * tile_sum)
+            acc_exp = acc_exp * alpha + tile_sum * beta
+        else:
+            acc_exp = acc_exp * tl.exp(m - m_safe) + tl.sum(b_e, axis=1) * tl.exp(tile_safe - m_safe)
         m = m_new
         if STORE_EXP:  # int32 offsets: the chunk buffer holds fewer than 2^31 elements (forward_plan checks)
             offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,6 +241,8 @@ def linear_logprob_fwd_kernel(
     out = split.to(tl.int64) * num_rows + offs_n
     tl.store(max_ptr + out, m, mask=in_rows)
     tl.store(sumexp_ptr + out, acc_exp, mask=in_rows)
+    if ENTROPY:
+        tl.store(ent_ptr + out, acc_ent, mask=in_rows)
     if split == 0:  # the label's logit, as one dot per row (a pick from every tile would cost ~40 registers)
         label = _label_logits(h_rows, w_ptr, bias_ptr, label_col, in_rows, hidden_size, stride_w_v, stride_bias_v,
                               inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_H)
@@ -234,7 +260,9 @@ def linear_logprob_bwd_kernel(
     rows_ptr,  # (M_c,) int64 flat token id of each scored row of this chunk
     target_ptr,  # (N,) int64
     lse_ptr,  # (N,) float32 log-sum-exp of logits / T from the forward
-    coef_ptr,  # (N,) float32 grad_loss * dL/ds[seq] / T per token
+    coef_ptr,  # (N,) float32 grad_loss * dL/ds[seq] / T per token (with ENTROPY: c_lp, the log-prob's)
+    entropy_ptr,  # (N,) float32 with ENTROPY: the entropy from the forward; else unused
+    coef_ent_ptr,  # (N,) float32 with ENTROPY: c_ent, the entropy's coefficient / T; else unused
     g_ptr,  # (M_c, V) out: dL/dlogits of the chunk, in the input dtype
     # sizes and strides
     num_rows,
@@ -250,6 +278,7 @@ def linear_logprob_bwd_kernel(
     inv_temperature,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr,
@@ -266,11 +295,18 @@ def linear_logprob_bwd_kernel(
                                             stride_h_b, stride_h_t)
     lse = tl.load(lse_ptr + token, mask=in_rows, other=0.0)
     coef = tl.load(coef_ptr + token, mask=in_rows, other=0.0)
+    if ENTROPY:
+        coef_ent = tl.load(coef_ent_ptr + token, mask=in_rows, other=0.0)
+        ent_a = -coef_ent * tl.load(entropy_ptr + token, mask=in_rows, other=0.0) - coef
 
     b_z = _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v, stride_bias_v,
                        inv_temperature, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     b_p = tl.exp(b_z - lse[:, None])
-    b_g = coef[:, None] * (tl.where(offs_v[None, :] == label_col[:, None], 1.0, 0.0) - b_p)
+    if ENTROPY:  # c_lp (onehot - p) + c_ent p (lse - z - H) = onehot c_lp + p (a - c_ent log p), a = -c_ent H - c_lp
+        b_g = (tl.where(offs_v[None, :] == label_col[:, None], coef[:, None], 0.0)
+               + b_p * (ent_a[:, None] - coef_ent[:, None] * tl.maximum(b_z - lse[:, None], LOG_P_FLOOR)))
+    else:
+        b_g = coef[:, None] * (tl.where(offs_v[None, :] == label_col[:, None], 1.0, 0.0) - b_p)
     g_tile = g_ptr + offs_n[:, None] * stride_g_n + offs_v[None, :]
     tl.store(g_tile, b_g.to(g_ptr.dtype.element_ty), mask=in_rows[:, None] & in_vocab[None, :])
 
@@ -364,10 +400,15 @@ def forward_plan(rows, weight, bias, scored, target, parts, temperature: float, 
                  tile_max=None) -> Plan:
     """The forward over the scored rows ``scored`` (M,) int64 of rows (B', T', H) x weight (V, H).
 
-    parts: (3, splits, M) float32 out (splits from :func:`num_splits`); exp (M, V) in the input dtype and
-    tile_max (M, cdiv(V, BLOCK_V)) float32 to store the exponentials (three-GEMM schedule), or None.
+    parts: (3, splits, M) float32 out (splits from :func:`num_splits`): each split's max, sum of exponentials and
+    label logit; (4, splits, M) for the ENTROPY variant, whose 4th is the split's sum of exp(z - max) (z - max).
+    exp (M, V) in the input dtype and tile_max (M, cdiv(V, BLOCK_V)) float32 to store the exponentials
+    (three-GEMM schedule), or None.
     """
     store = exp is not None
+    if parts.dim() != 3 or parts.shape[0] not in (3, 4):
+        raise ValueError(f"parts must be (3, splits, M), or (4, splits, M) with entropy, got {tuple(parts.shape)}")
+    entropy = parts.shape[0] == 4
     config = tile_config(rows.dtype, weight.shape[1], device, store)
     num_rows, splits = scored.shape[0], parts.shape[1]
     pointers, sizes = _operand_args(rows, weight, bias)
@@ -375,25 +416,33 @@ def forward_plan(rows, weight, bias, scored, target, parts, temperature: float, 
     if store:
         _check_chunk(exp)
     grid = (triton.cdiv(num_rows, config["BLOCK_N"]) * splits,)
-    args = (*pointers, scored, target, parts[0], parts[1], parts[2], exp if store else parts,
-            tile_max if store else parts, num_rows, *sizes, exp.stride(0) if store else 0,
+    args = (*pointers, scored, target, parts[0], parts[1], parts[2], parts[3] if entropy else parts,
+            exp if store else parts, tile_max if store else parts, num_rows, *sizes, exp.stride(0) if store else 0,
             tile_max.stride(0) if store else 0, 1.0 / temperature, splits, triton.cdiv(vocab_blocks, splits))
-    return Plan(linear_logprob_fwd_kernel, grid, args, dict(HAS_BIAS=bias is not None, STORE_EXP=store, **config),
-                _label("linear_fwd" + ("_store" if store else ""), rows, weight, bias, config))
+    meta = dict(HAS_BIAS=bias is not None, STORE_EXP=store, ENTROPY=entropy, **config)
+    name = "linear_fwd" + ("_store" if store else "") + ("_entropy" if entropy else "")
+    return Plan(linear_logprob_fwd_kernel, grid, args, meta, _label(name, rows, weight, bias, config))
 
 
-def backward_plan(rows, weight, bias, chunk, target, lse, coef, grad, temperature: float, device: Device) -> Plan:
+def backward_plan(rows, weight, bias, chunk, target, lse, coef, grad, temperature: float, device: Device,
+                  token_entropy=None, coef_entropy=None) -> Plan:
     """dL/dlogits of the scored rows ``chunk`` (M_c,) into grad (M_c, V), logits recomputed (four-GEMM schedule).
 
-    target, lse, coef: (N,) per token (int64, float32: lse from the forward, coef = dL/ds[seq] / T)."""
+    target, lse, coef: (N,) per token (int64, float32: lse from the forward, coef = dL/ds[seq] / T). With
+    token_entropy and coef_entropy ((N,) float32: the forward's entropy, its coefficient / T; the ENTROPY
+    variant) the gradient of sum coef * logprob + coef_entropy * entropy instead."""
     config = tile_config(rows.dtype, weight.shape[1], device)
     num_rows = chunk.shape[0]
     pointers, sizes = _operand_args(rows, weight, bias)
     _check_chunk(grad)
+    entropy = token_entropy is not None
+    if entropy != (coef_entropy is not None):
+        raise ValueError("token_entropy and coef_entropy go together (the entropy's gradient needs both)")
     grid = (triton.cdiv(num_rows, config["BLOCK_N"]) * triton.cdiv(weight.shape[0], config["BLOCK_V"]),)
-    args = (*pointers, chunk, target, lse, coef, grad, num_rows, *sizes, grad.stride(0), 1.0 / temperature)
-    return Plan(linear_logprob_bwd_kernel, grid, args, dict(HAS_BIAS=bias is not None, **config),
-                _label("linear_bwd", rows, weight, bias, config))
+    args = (*pointers, chunk, target, lse, coef, token_entropy if entropy else lse,
+            coef_entropy if entropy else coef, grad, num_rows, *sizes, grad.stride(0), 1.0 / temperature)
+    return Plan(linear_logprob_bwd_kernel, grid, args, dict(HAS_BIAS=bias is not None, ENTROPY=entropy, **config),
+                _label("linear_bwd" + ("_entropy" if entropy else ""), rows, weight, bias, config))
 
 
 def grad_from_exp_plan(exp, tile_max, target, lse, coef, block_v: int) -> Plan:
@@ -423,14 +472,39 @@ def _label(name, rows, weight, bias, config):
 # the backend interface
 
 
+def _scored_forward(rows, weight, bias, target, temperature: float, entropy: bool):
+    """token log-prob, lse (and entropy) (N,) float32 of every token, 0 where not scored."""
+    work = _LinearWork(rows, weight, bias, target, temperature)
+    outs = [torch.zeros(target.shape, dtype=torch.float32, device=rows.device) for _ in range(3 if entropy else 2)]
+    if work.scored.numel():
+        for out, value in zip(outs, work.forward(work.scored, entropy=entropy)):
+            out[work.scored] = value
+    return tuple(outs)
+
+
 def linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias, target: torch.Tensor, temperature: float):
     """rows (B', T', H) hidden, weight (V, H) -> token log-prob (N,), lse (N,), float32; 0 where not scored."""
-    work = _LinearWork(rows, weight, bias, target, temperature)
-    token_logprob = torch.zeros(target.shape, dtype=torch.float32, device=rows.device)
-    lse = torch.zeros(target.shape, dtype=torch.float32, device=rows.device)
-    if work.scored.numel():
-        token_logprob[work.scored], lse[work.scored] = work.forward(work.scored)
-    return token_logprob, lse
+    return _scored_forward(rows, weight, bias, target, temperature, entropy=False)
+
+
+def linear_token_stats_forward(rows: torch.Tensor, weight: torch.Tensor, bias, target: torch.Tensor,
+                               temperature: float):
+    """rows (B', T', H) hidden, weight (V, H), bias (V,) or None, target (N,) int64 (-1: not scored) ->
+    token_logprob, lse, token_entropy (N,) float32 of softmax((rows @ weight.T + bias) / T), from one pass over
+    the logits tiles (the entropy's running sum beside the log-sum-exp's), nothing N x V allocated;
+    token_logprob and token_entropy are 0 where not scored."""
+    return _scored_forward(rows, weight, bias, target, temperature, entropy=True)
+
+
+def _recomputed_grads(work, target, lse, coef, token_entropy=None, coef_entropy=None):
+    """The four-GEMM gradient pass: per chunk, the logits recomputed into dL/dlogits (with the entropy's term when
+    given), then contracted into work's gradients."""
+    for chunk in work.chunks():
+        grad = work.chunk_buffer(chunk.numel())
+        launch(backward_plan(work.rows, work.weight, work.bias, chunk, target, lse, coef, grad, work.temperature,
+                             work.device, token_entropy, coef_entropy))
+        work.add_grads(chunk, grad)
+    return work.grads()
 
 
 def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float,
@@ -439,25 +513,34 @@ def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad
     pass of the four-GEMM schedule (logits recomputed, lse from the forward); zeros where nothing is scored.
     ``needs`` (hidden, weight, bias): the gradients to compute (None for the others: a frozen head skips a GEMM)."""
     work = _LinearWork(rows, weight, bias, lay.target, temperature, (needs[0], needs[1], needs[2] and bias is not None))
-    coef = _token_coef(lay, grad_seq_logprob, grad_loss, temperature)
-    for chunk in work.chunks():
-        grad = work.chunk_buffer(chunk.numel())
-        launch(backward_plan(work.rows, work.weight, bias, chunk, lay.target, lse, coef, grad, temperature,
-                             work.device))
-        work.add_grads(chunk, grad)
-    return work.grads()
+    return _recomputed_grads(work, lay.target, lse, _token_coef(lay, grad_seq_logprob, grad_loss, temperature))
 
 
-def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperature: float, needs):
+def linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, coef_logprob, coef_entropy,
+                                temperature: float):
+    """The gradient of sum_n c_lp[n] logprob[n] + c_ent[n] entropy[n] through the head: d_hidden (B', T', H) in
+    the hidden dtype, d_weight (V, H) and d_bias (V,) (None without a bias) in the weight dtype, accumulated in
+    float32; zeros where nothing is scored. lse, token_entropy (N,) float32 from
+    :func:`linear_token_stats_forward`; coef_logprob, coef_entropy (N,) float32, already / T, 0 where not
+    scored. Logits recomputed chunk by chunk: dz = p (a - b z) + onehot c_lp, a = c_ent (lse - H) - c_lp,
+    b = c_ent."""
+    work = _LinearWork(rows, weight, bias, target, temperature, (True, True, bias is not None))
+    return _recomputed_grads(work, target, lse, coef_logprob, token_entropy, coef_entropy)
+
+
+def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperature: float, needs,
+                          entropy: bool = False):
     """The linear path's loss and statistics and, for grad_loss = 1, the gradients that ``needs`` asks for.
 
     Args:
         rows: (B', T', H) hidden states (``layout.as_rows``); weight (V, H); bias (V,) or None.
         needs: (hidden, weight, bias) booleans; gradients not asked for are None (and their GEMMs skipped).
+        entropy: also return each token's entropy, from the forward's pass (one more running sum, no extra GEMM).
 
     Returns:
         loss (), seq_logprob (S,), implicit_reward (S,), grad_seq_logprob (S,) float32, d_hidden (B', T', H) in the
-        hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32), or None.
+        hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32), or None; with
+        ``entropy``, then token_entropy (N,) float32 (0 where not scored).
 
     Three GEMMs whenever the coefficients dL/ds of a chunk's rows are known before its gradient pass: on-policy
     (no ref_logprobs: dL/ds does not depend on s) in any chunks, and with an anchor in chunks of whole groups
@@ -468,15 +551,19 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
     work = _LinearWork(rows, weight, bias, lay.target, temperature, needs)
     on_policy = lay.token_ref is None
     chunks = (work.chunks() if on_policy else work.group_chunks(lay)) if any(needs) else None
+    extra = ()  # (token_entropy,) with entropy
     if chunks is None:
-        token_logprob, lse = linear_forward(rows, weight, bias, lay.target, temperature)
+        token_logprob, lse, *extra = _scored_forward(rows, weight, bias, lay.target, temperature, entropy)
         loss, *stats = group_stage(token_logprob, lay, beta)
         if not any(needs):
-            return loss, *stats, None, None, None
+            return loss, *stats, None, None, None, *extra
         ones = torch.ones((), dtype=torch.float32, device=rows.device)
-        return (loss, *stats, *linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature, needs))
+        return (loss, *stats, *linear_backward(rows, weight, bias, lay, lse, stats[2], ones, temperature, needs),
+                *extra)
 
     token_logprob = torch.zeros(lay.num_tokens, dtype=torch.float32, device=rows.device)
+    if entropy:
+        extra = (torch.zeros(lay.num_tokens, dtype=torch.float32, device=rows.device),)
     ones = torch.ones((), dtype=torch.float32, device=rows.device)
 
     def coefficients():
@@ -487,11 +574,13 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
     for chunk in chunks:
         exp = work.chunk_buffer(chunk.numel())
         tile_max = work.tile_max_buffer(chunk.numel())
-        token_logprob[chunk], lse = work.forward(chunk, exp, tile_max)
+        token_logprob[chunk], lse, *chunk_entropy = work.forward(chunk, exp, tile_max, entropy)
+        if entropy:
+            extra[0][chunk] = chunk_entropy[0]
         chunk_coef = (coef if on_policy else coefficients())[chunk]  # anchored: this chunk's groups are whole
         launch(grad_from_exp_plan(exp, tile_max, lay.target[chunk], lse, chunk_coef, work.store_config["BLOCK_V"]))
         work.add_grads(chunk, exp)
-    return (*group_stage(token_logprob, lay, beta), *work.grads())
+    return (*group_stage(token_logprob, lay, beta), *work.grads(), *extra)
 
 
 class _LinearWork:
@@ -556,17 +645,27 @@ class _LinearWork:
         return self._buffer("tile_max", num_rows, triton.cdiv(self.weight.shape[0], self.store_config["BLOCK_V"]),
                             torch.float32)
 
-    def forward(self, rows_index, exp=None, tile_max=None):
-        """token log-prob, lse (M,) float32 of the scored rows rows_index (M,), storing exponentials if given."""
+    def forward(self, rows_index, exp=None, tile_max=None, entropy=False):
+        """token log-prob, lse (and with ``entropy`` the entropy) (M,) float32 of the scored rows rows_index (M,),
+        storing exponentials if given. The splits' partials merge at their common max M: L = sum e^(m_i - M) L_i,
+        A = sum e^(m_i - M) (A_i + (m_i - M) L_i), lse = M + log L, H = log L - A / L."""
         config = self.config if exp is None else self.store_config
         splits = num_splits(rows_index.numel(), self.weight.shape[0], config, self.device)
-        parts = empty((3, splits, rows_index.numel()), dtype=torch.float32, device=self.rows.device)
+        parts = empty((4 if entropy else 3, splits, rows_index.numel()), dtype=torch.float32,
+                      device=self.rows.device)
         launch(forward_plan(self.rows, self.weight, self.bias, rows_index, self.target, parts, self.temperature,
                             self.device, exp, tile_max))
-        split_max, split_sumexp, split_label = parts
+        split_max, split_sumexp, split_label = parts[:3]
         top = split_max.max(dim=0).values
-        lse = top + torch.log((split_sumexp * torch.exp(split_max - top)).sum(dim=0))
-        return split_label.sum(dim=0) - lse, lse
+        shift = split_max - top
+        weights = torch.exp(shift)
+        sum_exp = (split_sumexp * weights).sum(dim=0)
+        lse = top + torch.log(sum_exp)
+        if not entropy:
+            return split_label.sum(dim=0) - lse, lse
+        # (m_i - M) L_i is 0, never -inf * 0, for a split of -inf logits only
+        ent_sum = (weights * (parts[3] + shift.clamp(min=torch.finfo(torch.float32).min) * split_sumexp)).sum(dim=0)
+        return split_label.sum(dim=0) - lse, lse, torch.log(sum_exp) - ent_sum / sum_exp
 
     def add_grads(self, chunk, grad):
         """Contract the chunk's dL/dlogits grad (M_c, V) into the gradients asked for (cuBLAS)."""
