@@ -186,6 +186,23 @@ def test_logits_path_matches_the_loss_kernels_without_entropy():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("temperature", [1.0, TIES_T], ids=lambda t: f"T{t:g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logits_path_backward_in_place(dtype, temperature):
+    """out may be rows itself (the gradient overwrites the logits): the same bits as into another buffer."""
+    inputs = make_inputs(Case(groups=(2, 2), seq_len=9, vocab=3001, dtype=dtype), torch.device("cpu"))
+    labels = inputs["labels"]
+    rows = layout.as_rows(with_near_ties(inputs["logits"].detach(), temperature))
+    target = layout.token_targets(labels, vocab_size=3001, mask=inputs["kwargs"]["mask"])
+    _, lse, token_entropy = cpu.token_stats_forward(rows, target, temperature)
+    args = (target, lse, token_entropy, *coefs(target, *upstream(labels, "both"), temperature), temperature)
+    want = torch.full_like(rows, float("nan"))
+    cpu.token_stats_backward(rows, *args, want)
+    got = rows.clone()
+    cpu.token_stats_backward(got, *args, got)
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the linear path
 
