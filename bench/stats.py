@@ -3,7 +3,8 @@ what users run instead, on the same inputs in one run.
 
     python bench/stats.py [--device cpu|cuda] [--quick] [--out DIR] [--budget-s S] [--only NAME,...]
                           [--paths linear,logits] [--passes anchor,stats,stats+bwd] [--models NAME,...]
-                          [--tokens N,...] [--in-process]
+                          [--tokens N,...]
+    python bench/stats.py --report bench/results/stats/<file>.json     # re-make its table
 
 Shapes, dtype and token counts are bench/run.py's (CPU: the heads scaled down 8x, float32; CUDA: the real heads,
 bfloat16); every token is scored, temperature 1. Three passes per shape and provider:
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import os
 import statistics
 import sys
@@ -397,18 +399,50 @@ def add_derived(rows: list[dict], shapes: dict, floors: dict, itemsize: int) -> 
         row["x_ours_mem"] = row["peak_mib"] / mine["peak_mib"] if (mine.get("peak_mib") or 0) > 0.1 else None
 
 
+def _ordered(data: dict) -> list[dict]:
+    """The results by shape (data["shapes"]' order), pass and provider (PROVIDERS' order)."""
+    order = {(s["path"], s["name"]): i for i, s in enumerate(data["shapes"])}
+    names = [p.name for p in PROVIDERS]
+    return sorted(data["results"], key=lambda r: (order.get((r["path"], r["shape"]), 0), list(PASSES).index(
+        r["pass_"]), names.index(r["provider"]) if r["provider"] in names else len(names)))
+
+
+def summary(data: dict) -> list[str]:
+    """One line per shape and pass: gvpo-auto's time and peak memory, then each other provider's time and peak
+    memory over gvpo-auto's ("3.1x / 8.4x"; its peak in MiB where gvpo-auto's is under 0.1 MiB), or its status."""
+    rows = _ordered(data)
+    others = [p.name for p in PROVIDERS if p.name != OURS and any(r["provider"] == p.name for r in rows)]
+    lines = [f"| path | shape | pass | {OURS} ms, MiB | " + " | ".join(f"{n}: × time / × memory" for n in others)
+             + " |", "|---|---|---|---:|" + "---:|" * len(others)]
+    for key in dict.fromkeys((r["path"], r["shape"], r["pass_"]) for r in rows):
+        mine = {r["provider"]: r for r in rows if (r["path"], r["shape"], r["pass_"]) == key}
+        ours = mine.get(OURS, {})
+        cells = [f"{report._fmt(ours.get('time_ms'))}, {report._fmt(ours.get('peak_mib'))}"]
+        for name in others:
+            r = mine.get(name)
+            if r is None:
+                cells.append("")
+            elif r.get("x_ours_time") is None:
+                cells.append(r["status"])
+            else:
+                memory = (f"{report._fmt(r['x_ours_mem'], 2)}x" if r.get("x_ours_mem") is not None
+                          else f"{report._fmt(r['peak_mib'])} MiB")
+                cells.append(f"{report._fmt(r['x_ours_time'], 2)}x / {memory}")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(data: dict) -> str:
+    """The summary (see summary), then every row with its figures, floor and check error."""
     meta = data["meta"]
     versions = meta["versions"]
     lines = [f"{meta['device_name']} ({meta['device']}), {meta['date']}, {meta['dtype']}; torch {versions['torch']}, "
              f"triton {versions['triton']}, trl {versions.get('trl')}, gvpo-kernels {versions['gvpo-kernels']}"
-             + (" (--quick)" if meta.get("quick") else "") + f"; {meta.get('wall_s', 0):.0f} s", "",
-             "| path | shape | pass | provider | status | ms | × ours (time) | peak MiB | × ours (memory) | floor ms "
-             "| × floor | rel. err |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {(s["path"], s["name"]): i for i, s in enumerate(data["shapes"])}
-    names = [p.name for p in PROVIDERS]
-    rows = sorted(data["results"], key=lambda r: (order.get((r["path"], r["shape"]), 0), list(PASSES).index(
-        r["pass_"]), names.index(r["provider"]) if r["provider"] in names else len(names)))
+             + (" (--quick)" if meta.get("quick") else "") + f"; {meta.get('wall_s', 0):.0f} s", ""]
+    lines += summary(data) + ["", "| path | shape | pass | provider | status | ms | × ours (time) | peak MiB | "
+                                  "× ours (memory) | floor ms | × floor | rel. err |",
+                              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = _ordered(data)
     notes = []
     for r in rows:
         status = r["status"]
@@ -443,6 +477,8 @@ def parse_args(argv):
     parser.add_argument("--passes", default=",".join(PASSES))
     parser.add_argument("--models", default=None, help="as in bench/run.py")
     parser.add_argument("--tokens", default=None, help="as in bench/run.py")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="only re-make the table (.md beside it) from this JSON, e.g. of a run that was stopped")
     args = parser.parse_args(argv)
     args.models = args.models.split(",") if args.models else None
     args.tokens = [int(n) for n in args.tokens.split(",")] if args.tokens else None
@@ -456,6 +492,13 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            table = markdown(json.load(f))
+        with open(args.report.removesuffix(".json") + ".md", "w") as f:
+            f.write(table)
+        print(table)
+        return 0
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # freed buffers back to the system
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None
