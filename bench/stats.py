@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -189,6 +190,7 @@ PROVIDERS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def auto_backend(device: str, path: str, entropy: bool) -> str:
     """The backend that "auto" runs for these statistics: the device's native one ("cpu": the C++ extension,
     "triton" on CUDA) if a tiny call with it by name works, else "torch" (the public contract: a named backend
