@@ -23,6 +23,15 @@ max in float32: softmax = exp * exp(tile max - lse) is then exact to the input d
 in that dtype is anyway (a bf16 logit would not be: ~4% error in the softmax; float32 logits would cost twice the
 bytes and twice the chunk memory).
 
+Entropy (ENTROPY, a constexpr; off, the kernels are the log-prob-only ones). The forward keeps one more running
+sum per token beside the online log-sum-exp, A = sum exp(z - m) (z - m) relative to the running max m (each tile's
+own sum moved to the new max with the old one: e^d (A + d L)), so H = log L - A / L without cancelling lse against
+E[z]; each split writes its A as a 4th partial, merged on the host with the others (``_LinearWork.forward``). On
+sm_90 the tile's second row sum costs the forward 177-183 registers (plain: 153-155; no spills; the shared memory
+already holds an SM to one CTA). The recomputing backward writes c_lp (onehot - p) + c_ent p (lse - z - H) =
+onehot c_lp + p (a - c_ent log p), a = -c_ent H - c_lp, one chain per logit (128 registers, as the plain one);
+``linear_token_stats_backward`` is the four-GEMM schedule with it. -inf logits (p = 0) add exactly 0 everywhere.
+
 Backward, the GEMM schedule. d_hidden = G @ W and d_weight = G^T @ h with G = dL/dlogits = c (onehot - softmax).
 A fully fused kernel would add each tile's contribution into d_hidden and d_weight with atomics moving
 N H V / BLOCK_V floats (~10^11 at 16k tokens x 152k vocabulary); instead G is formed one chunk of scored rows at
@@ -144,11 +153,6 @@ def _xlogx_term(e, d):
 
 
 @triton.jit
-def _add_pair(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
 def _hidden_rows(h_ptr, rows_ptr, target_ptr, offs_n, in_rows, vocab_size, seq_len, stride_h_b, stride_h_t):
     """For the scored rows offs_n (BLOCK_N,): pointers to their hidden rows (B', T', H), the int32 column of each
     label in this vocabulary (-1 where the label lies in another rank's slice: target >= V), and their token ids."""
@@ -224,7 +228,9 @@ def linear_logprob_fwd_kernel(
         m_new = tl.maximum(m, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         if ENTROPY:  # both partials (the sums so far, the tile's) moved to the new max: e^d (A + d L)
-            tile_sum, tile_ent = tl.reduce((b_e, _xlogx_term(b_e, b_z - tile_safe[:, None])), 1, _add_pair)
+            # two sums, not one tl.reduce of both: as many registers, and the interpreter runs a combine_fn slowly
+            tile_ent = tl.sum(_xlogx_term(b_e, b_z - tile_safe[:, None]), axis=1)
+            tile_sum = tl.sum(b_e, axis=1)
             alpha, beta = tl.exp(m - m_safe), tl.exp(tile_safe - m_safe)
             acc_ent = (alpha * acc_ent + _xlogx_term(alpha, m - m_safe) * acc_exp + beta * tile_ent
                        + _xlogx_term(beta, tile_safe - m_safe) * tile_sum)
