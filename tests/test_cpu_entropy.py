@@ -7,7 +7,7 @@ dtype (the reference in float32 math) + the SLACK of cases.py.
 
 import pytest
 import torch
-from cases import SLACK, Case, make_inputs, rel_err
+from cases import SLACK, Case, assert_within_pytorch_error, make_inputs
 
 from gvpo_kernels import cpu, layout, reference
 
@@ -60,16 +60,6 @@ def reference_stats(fn, leaves, labels, g_lp, g_ent, kwargs):
 
 def leaves_of(tensors, dtype=None):
     return [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in tensors]
-
-
-def assert_within_pytorch_error(got, baseline, oracle, names, dtype):
-    slack = SLACK[dtype]
-    for name, g, b, o in zip(names, got, baseline, oracle):
-        if o is None:
-            continue
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err, base = rel_err(g, o), rel_err(b, o)
-        assert err <= base + slack, f"{name}: error {err:.3g} vs PyTorch's {base:.3g} + slack {slack:g}"
 
 
 def with_near_ties(logits, temperature, allowed=None, seed=4):
@@ -125,8 +115,8 @@ def check_logits_path(logits, labels, kwargs, which="both", allowed=None):
     *got, target = cpu_token_stats(logits.detach(), labels, g_lp, g_ent, kwargs)
     assert got[2].dtype == logits.dtype
     assert_unscored_are_zero(target, *got)
-    assert_within_pytorch_error(got, baseline, oracle, ["token_logprob", "token_entropy", "grad_logits"],
-                                logits.dtype)
+    assert_within_pytorch_error(["token_logprob", "token_entropy", "grad_logits"], got, baseline, oracle,
+                                SLACK[logits.dtype])
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES, ids=lambda t: f"T{t:g}")
@@ -250,8 +240,8 @@ def check_linear_path(hidden, weight, bias, labels, kwargs, which="both"):
     got, target = cpu_linear_stats(*[None if t is None else t.detach() for t in tensors], labels, g_lp, g_ent,
                                    kwargs)
     assert_unscored_are_zero(target, got[0], got[1], got[2])
-    assert_within_pytorch_error(got, baseline, oracle,
-                                ["token_logprob", "token_entropy", "d_hidden", "d_weight", "d_bias"], hidden.dtype)
+    assert_within_pytorch_error(["token_logprob", "token_entropy", "d_hidden", "d_weight", "d_bias"], got, baseline,
+                                oracle, SLACK[hidden.dtype])
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES[:3], ids=lambda t: f"T{t:g}")
@@ -344,8 +334,8 @@ def test_loss_and_grads_with_entropy(schedule, monkeypatch):
                                                 return_entropy=True, **stats_kwargs)
     _, baseline = reference.linear_token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
                                                   **stats_kwargs)
-    assert_within_pytorch_error([token_entropy], [baseline.reshape(-1)], [oracle.reshape(-1)], ["token_entropy"],
-                                torch.float32)
+    assert_within_pytorch_error(["token_entropy"], [token_entropy], [baseline.reshape(-1)], [oracle.reshape(-1)],
+                                SLACK[torch.float32])
 
 
 # ----------------------------------------------------------------------------------------------------------------

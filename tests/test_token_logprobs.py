@@ -3,7 +3,7 @@ gradients (under random upstream gradients), on every backend, over the layouts 
 
 import pytest
 import torch
-from cases import SLACK, Case, make_inputs, one_factor, rel_err
+from cases import SLACK, Case, assert_within_pytorch_error, make_inputs, one_factor, rel_err
 from conftest import DEVICE
 from test_linear import LargestTensor
 
@@ -60,14 +60,9 @@ def check(case, backend, entropy):
         scored &= kwargs["mask"]
     for out in got[0]:
         assert (out[~scored] == 0).all(), "unscored positions must hold 0"
-    slack = SLACK[case.dtype]
     names = ["logprob", "entropy"][: len(got[0])] + ["grad"] * len(leaves)
-    for name, g, b, o in zip(names, got[0] + got[1], baseline[0] + baseline[1], oracle[0] + oracle[1]):
-        if o is None:
-            continue
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err, base = rel_err(g, o), rel_err(b, o)
-        assert err <= base + slack, f"{name}: error {err:.3g} vs PyTorch's {base:.3g} + slack {slack:g}"
+    assert_within_pytorch_error(names, got[0] + got[1], baseline[0] + baseline[1], oracle[0] + oracle[1],
+                                SLACK[case.dtype])
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

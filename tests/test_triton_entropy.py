@@ -8,7 +8,7 @@ linear_loss_and_grads(entropy=True) on every GEMM schedule (linear path), agains
 
 import pytest
 import torch
-from cases import SLACK, Case, make_inputs, rel_err
+from cases import SLACK, Case, assert_within_pytorch_error, make_inputs
 from conftest import DEVICE
 
 import gvpo_kernels as gk
@@ -57,16 +57,6 @@ def _oracle(fn, leaves, labels, kwargs, upstream, dtype=None, **extra):
     return [lp.detach().reshape(-1), ent.detach().reshape(-1)], [None if t is None else t.grad for t in leaves]
 
 
-def _compare(names, got, baseline, oracle, dtype):
-    slack = SLACK[dtype]
-    for name, g, b, o in zip(names, got, baseline, oracle):
-        if o is None:
-            continue
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err, base = rel_err(g, o), rel_err(b, o)
-        assert err <= base + slack, f"{name}: error {err:.3g} vs PyTorch's {base:.3g} + slack {slack:g}"
-
-
 def _check_unscored(target, *outs):
     for out in outs:
         assert out.dtype == torch.float32 and out.shape == target.shape
@@ -95,8 +85,8 @@ def _check_logits(logits, labels, kwargs, dtype):
     assert torch.isfinite(lse[target >= 0]).all()
     oracle = _oracle(gk.reference.token_logprobs, [logits], labels, kwargs, upstream, torch.float64)
     baseline = _oracle(gk.reference.token_logprobs, [logits], labels, kwargs, upstream)
-    _compare(["logprob", "entropy", "grad"], [lp, ent, grad], baseline[0] + baseline[1], oracle[0] + oracle[1],
-             dtype)
+    assert_within_pytorch_error(["logprob", "entropy", "grad"], [lp, ent, grad], baseline[0] + baseline[1],
+                                oracle[0] + oracle[1], SLACK[dtype])
     return target, lp, ent, grad
 
 
@@ -189,9 +179,9 @@ def _check_linear(inputs, dtype, bias=None):
     leaves = [hidden, weight, bias]
     oracle = _oracle(gk.reference.linear_token_logprobs, leaves, labels, kwargs, upstream, torch.float64)
     baseline = _oracle(gk.reference.linear_token_logprobs, leaves, labels, kwargs, upstream)
-    _compare(["logprob", "entropy", "d_hidden", "d_weight", "d_bias"],
-             [lp, ent, d_hidden.reshape(hidden.shape), d_weight, d_bias], baseline[0] + baseline[1],
-             oracle[0] + oracle[1], dtype)
+    assert_within_pytorch_error(["logprob", "entropy", "d_hidden", "d_weight", "d_bias"],
+                                [lp, ent, d_hidden.reshape(hidden.shape), d_weight, d_bias], baseline[0] + baseline[1],
+                                oracle[0] + oracle[1], SLACK[dtype])
     return ent
 
 
@@ -269,7 +259,7 @@ def test_loss_and_grads_with_entropy_on_every_schedule(schedule, anchor, rows_pe
     upstream = [torch.zeros_like(u) for u in _upstream(inputs["labels"].shape)]
     oracle = _oracle(gk.reference.linear_token_logprobs, leaves, inputs["labels"], kwargs, upstream, torch.float64)
     baseline = _oracle(gk.reference.linear_token_logprobs, leaves, inputs["labels"], kwargs, upstream)
-    _compare(["entropy"], [token_entropy], baseline[0][1:], oracle[0][1:], torch.float32)
+    assert_within_pytorch_error(["entropy"], [token_entropy], baseline[0][1:], oracle[0][1:], SLACK[torch.float32])
 
 
 def test_linear_stats_buffers_do_not_grow_with_tokens(monkeypatch):
