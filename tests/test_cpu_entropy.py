@@ -8,6 +8,7 @@ dtype (the reference in float32 math) + the SLACK of cases.py.
 import pytest
 import torch
 from cases import SLACK, Case, assert_within_pytorch_error, make_inputs
+from test_cpu_numerics import minus_inf_bias
 
 from gvpo_kernels import cpu, layout, reference
 
@@ -276,14 +277,7 @@ def test_linear_bias_of_minus_inf_over_vocabulary_blocks(masked, num_threads, th
     threads(num_threads)
     small_blocks(monkeypatch)
     inputs = make_inputs(Case(hidden_size=16, groups=(2, 2), seq_len=8, vocab=300), torch.device("cpu"))
-    vocab = 300
-    bias = torch.randn(vocab, generator=torch.Generator().manual_seed(1))
-    banned = {"head": torch.arange(vocab) < 200, "tail": torch.arange(vocab) >= 100,
-              "middle": (torch.arange(vocab) >= 50) & (torch.arange(vocab) < 250),
-              "alternate": torch.arange(vocab) % 40 < 20}[masked]
-    bias[banned] = NEG_INF
-    allowed = (~banned).nonzero().squeeze(1)
-    labels = allowed[inputs["labels"] % allowed.numel()]
+    bias, labels = minus_inf_bias(300, masked, inputs["labels"])
     check_linear_path(inputs["hidden"], inputs["weight"], bias, labels, token_kwargs(inputs, 1.0))
 
 

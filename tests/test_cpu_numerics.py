@@ -61,6 +61,18 @@ def assert_linear_matches_oracle(hidden, weight, bias, labels, rewards, kwargs, 
 # -inf logits
 
 
+def minus_inf_bias(vocab: int, masked: str, labels):
+    """A random (vocab,) bias that is -inf over the ``masked`` columns (the head, the tail, the middle, or
+    alternate runs of 20: whole blocks and thread ranges), and ``labels`` moved onto the other columns."""
+    bias = torch.randn(vocab, generator=torch.Generator().manual_seed(1))
+    banned = {"head": torch.arange(vocab) < 200, "tail": torch.arange(vocab) >= 100,
+              "middle": (torch.arange(vocab) >= 50) & (torch.arange(vocab) < 250),
+              "alternate": torch.arange(vocab) % 40 < 20}[masked]
+    bias[banned] = NEG_INF
+    allowed = (~banned).nonzero().squeeze(1)
+    return bias, allowed[labels % allowed.numel()]
+
+
 @pytest.mark.parametrize("num_threads", [1, 2, 4])
 @pytest.mark.parametrize("masked", ["head", "tail", "middle", "alternate"])
 def test_linear_bias_of_minus_inf_over_vocabulary_blocks(masked, num_threads, threads, monkeypatch):
@@ -68,14 +80,7 @@ def test_linear_bias_of_minus_inf_over_vocabulary_blocks(masked, num_threads, th
     threads(num_threads)
     small_blocks(monkeypatch)
     hidden, weight, labels, rewards, kwargs = linear_inputs()
-    vocab = weight.shape[0]
-    bias = torch.randn(vocab, generator=torch.Generator().manual_seed(1))
-    banned = {"head": torch.arange(vocab) < 200, "tail": torch.arange(vocab) >= 100,
-              "middle": (torch.arange(vocab) >= 50) & (torch.arange(vocab) < 250),
-              "alternate": torch.arange(vocab) % 40 < 20}[masked]
-    bias[banned] = NEG_INF
-    allowed = (~banned).nonzero().squeeze(1)
-    labels = allowed[labels % allowed.numel()]
+    bias, labels = minus_inf_bias(weight.shape[0], masked, labels)
     assert_linear_matches_oracle(hidden, weight, bias, labels, rewards, kwargs, SLACK[torch.float32])
 
 
