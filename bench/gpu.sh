@@ -46,8 +46,9 @@ tests_rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== tests (at most ${TESTS_S} s)"
     # the compiled kernels first; then the adversarial, property and token-statistics tests, which run on CUDA
-    timeout "$TESTS_S" python3 -m pytest tests/test_gpu.py tests/test_triton_linear.py tests/test_triton_entropy.py tests/test_adversarial.py \
-        tests/test_property.py tests/test_token_logprobs.py tests/test_gvpo_loss.py tests/test_linear.py -q \
+    timeout "$TESTS_S" python3 -m pytest tests/test_gpu.py tests/test_triton_linear.py tests/test_triton_entropy.py \
+        tests/test_adversarial.py tests/test_property.py tests/test_token_logprobs.py tests/test_gvpo_loss.py \
+        tests/test_linear.py -q \
         -p no:cacheprovider 2>&1 | tee "$LOGS/gpu-tests.log"
     tests_rc=${PIPESTATUS[0]}
     [ "$tests_rc" = 124 ] && echo "gpu.sh: the tests ran past ${TESTS_S} s and were stopped"
