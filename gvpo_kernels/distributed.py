@@ -71,7 +71,7 @@ def gvpo_loss(logits, labels, rewards, *, backend, group_process_group, vocab_pr
         problem = ValueError("inplace_backward is not supported together with a process group")
     impl, lay, ranks = _prepare(logits.shape[-1], logits.device, backend, labels, rewards, group_process_group,
                                 vocab_process_group, beta, temperature, build_args, problem)
-    stats_impl = ops._entropy_backend(impl, backend, "token_stats_forward") if entropy else None
+    stats_impl = ops.entropy_backend(impl, backend, "token_stats_forward", True) if entropy else None
     return _LogitsAcrossRanks.apply(logits, impl, stats_impl, lay, ranks, float(beta), float(temperature))
 
 
@@ -80,7 +80,7 @@ def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, backend, group_pr
     """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy of the linear path across ranks."""
     impl, lay, ranks = _prepare(weight.shape[0], hidden.device, backend, labels, rewards, group_process_group,
                                 vocab_process_group, beta, temperature, build_args)
-    stats_impl = ops._entropy_backend(impl, backend, "linear_token_stats_forward") if entropy else None
+    stats_impl = ops.entropy_backend(impl, backend, "linear_token_stats_forward", True) if entropy else None
     return _LinearAcrossRanks.apply(hidden, weight, bias, impl, stats_impl, lay, ranks, float(beta),
                                     float(temperature))
 

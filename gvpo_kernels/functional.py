@@ -201,7 +201,7 @@ def token_logprobs(
         mask: like labels, bool or 0/1: which positions are scored. Default: all not ignored.
         cu_seqlens: (S + 1,) offsets of packed sequences; required for (N, V) logits (checked, as in the losses).
         return_entropy: also return each scored token's entropy, sum_v p_v (lse - z_v) with z = logits / T,
-            from the same pass (on the torch backend's chunked pass for now: "auto" takes it there).
+            from the same streaming pass as the log-sum-exp, on every backend.
         backend: "auto", "triton", "cpu" or "torch", as in :func:`gvpo_loss`.
 
     Returns:

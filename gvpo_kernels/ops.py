@@ -158,17 +158,11 @@ def _logits_forward(logits, labels, rewards, group_ids, mask, cu_seqlens, ref_lo
     impl = _backend_for(backend, logits.device, lay.num_tokens, lay.num_seqs)
     rows = layout.as_rows(logits)
     with _own_precision(logits.device):
-        token_logprob, lse, token_entropy = token_pass(_loss_entropy_backend(impl, backend, entropy), rows,
-                                                       lay.target, temperature, entropy)
+        token_logprob, lse, token_entropy = token_pass(entropy_backend(impl, backend, "token_stats_forward", entropy),
+                                                       rows, lay.target, temperature, entropy)
         loss, seq_logprob, implicit_reward, grad_seq_logprob = impl.group_stage(token_logprob, lay, beta)
     seq_entropy = _seq_entropy(token_entropy, lay)
     return loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, lse, lay, rows, impl
-
-
-def _loss_entropy_backend(impl, name: str, entropy: bool):
-    """The backend whose forward gives the loss's token statistics: ``impl``, or with ``entropy`` the one
-    :func:`_entropy_backend` picks."""
-    return _entropy_backend(impl, name, "token_stats_forward") if entropy else impl
 
 
 def _seq_entropy(token_entropy, lay: Layout):
@@ -380,8 +374,8 @@ def _linear_forward(hidden, weight, bias, labels, rewards, group_ids, mask, cu_s
                   reduction, ignore_index)
     needs = (needs[0], needs[1], needs[2] and bias is not None)
     impl = _backend_for(backend, hidden.device, lay.num_tokens, lay.num_seqs)
-    if entropy and not hasattr(impl, "linear_loss_and_grads"):
-        impl = _entropy_backend(impl, backend, "linear_token_stats_forward")
+    if not hasattr(impl, "linear_loss_and_grads"):
+        impl = entropy_backend(impl, backend, "linear_token_stats_forward", entropy)
     weight, bias = head_for_kernels(weight, bias)
     with _own_precision(hidden.device):
         loss, *stats, d_hidden, d_weight, d_bias, token_entropy = linear_stages(
@@ -494,17 +488,11 @@ def linear_token_stats(hidden, weight, bias, labels, *, mask, cu_seqlens, temper
                                    int(ignore_index), backend, bool(entropy))
 
 
-def _stats_backend(name: str, device, entropy: bool, num_tokens: int, kernel: str):
-    """The backend for token statistics. Log-probs alone run on every backend's loss kernels (each token its own
-    "sequence"); entropy runs on the backend's ``kernel`` (token_stats_forward or linear_token_stats_forward),
-    the same streaming pass with one more running sum."""
-    impl = _backend_for(name, device, num_tokens, 1)
-    return _entropy_backend(impl, name, kernel) if entropy else impl
-
-
-def _entropy_backend(impl, name: str, kernel: str):
-    """``impl`` when it has the entropy ``kernel``; else, for "auto", the torch backend (chunked, any device)."""
-    if hasattr(impl, kernel):
+def entropy_backend(impl, name: str, kernel: str, entropy: bool):
+    """The backend that computes token statistics: ``impl``, unless ``entropy`` is asked for and ``impl`` lacks the
+    entropy ``kernel`` (token_stats_forward / linear_token_stats_forward: the log-sum-exp's streaming pass with one
+    more running sum); then, for "auto", the torch backend (chunked, any device), and for a named backend an error."""
+    if not entropy or hasattr(impl, kernel):
         return impl
     if name != "auto":
         raise RuntimeError(f"backend={name!r} has no entropy kernel ({kernel}) in this build; backend='torch' or "
@@ -562,7 +550,8 @@ class _TokenStats(torch.autograd.Function):
     def forward(ctx, logits, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
         target = layout.token_targets(labels, vocab_size=logits.shape[-1], mask=mask, cu_seqlens=cu_seqlens,
                                       ignore_index=ignore_index)
-        impl = _stats_backend(backend, logits.device, entropy, target.numel(), "token_stats_forward")
+        impl = entropy_backend(_backend_for(backend, logits.device, target.numel(), 1), backend,
+                               "token_stats_forward", entropy)
         rows = layout.as_rows(logits)
         with _own_precision(logits.device):
             token_logprob, lse, token_entropy = token_pass(impl, rows, target, temperature, entropy)
@@ -597,7 +586,8 @@ class _LinearTokenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, mask, cu_seqlens, temperature, ignore_index, backend, entropy):
         target = layout.token_targets(labels, vocab_size=weight.shape[0], mask=mask, cu_seqlens=cu_seqlens,
                                       ignore_index=ignore_index)
-        impl = _stats_backend(backend, hidden.device, entropy, target.numel(), "linear_token_stats_forward")
+        impl = entropy_backend(_backend_for(backend, hidden.device, target.numel(), 1), backend,
+                               "linear_token_stats_forward", entropy)
         rows = layout.as_rows(hidden)
         weight, bias = head_for_kernels(weight, bias)
         with _own_precision(hidden.device):
