@@ -2,26 +2,31 @@
 // (-O3 -march=native -fopenmp-simd: the `omp simd` reductions let it reorder the sums and maxima, in an order fixed
 // at compile time, so every result is the same run to run).
 //
-// Rounding. The kernels are built with -ffp-contract=off: z = x * s is rounded to float32 before anything is
-// subtracted from it, the same way in every pass (no std::fma either: it kept GCC from vectorising these loops in
-// the extension's build, 6x slower). The largest logit then gives exactly z - max = 0, and the backward's z - lse
-// exactly -log(sum) rounded: at a small temperature
-// (|z| ~ 1e4 and more), a fused x * s - lse would instead carry the rounding of the product, an error of an ulp
-// of |z| in the exponent (0.1% of the probability of the likeliest token at T = 1e-4).
+// A row's softmax. The kernels see a row of logits x (the LM head's output), transformed into y (y = x, or
+// y = cap tanh(x cap_scale) for soft-capped models, see Spec), and z = y s with s = 1 / temperature. A row is
+// described by two floats, its shift (the largest y, 0 where all are -inf) and log_sum = log L,
+// L = sum_v exp((y_v - shift) s), so that
 //
-// Infinities. A -inf logit has probability 0. A row whose maximum is -inf (every logit -inf) subtracts the shift
-// 0 instead of -inf (no -inf - -inf = NaN in its sum): its sum of exponentials is 0, its lse -inf, and its token
-// log-prob NaN, which is what torch.log_softmax gives such a row.
+//     log p_v = (y_v - shift) s - log_sum
 //
-// Entropy. H = -sum_v p_v log p_v comes from the same pass as the log-sum-exp, by one more running sum: relative
-// to a shift m (the maximum), L = sum_v exp(z_v - m) and A = sum_v exp(z_v - m) (z_v - m) <= 0 give
-// lse = m + log L and H = log L - A / L (no cancellation of lse against E[z] where the row is peaked). A column
-// with p = 0 adds exactly 0 to A (never 0 * -inf), and its gradient is exactly 0 as well.
+// y_v - shift is exact near the maximum (and exactly 0 at it), so the likeliest token's log-prob is exactly
+// -log_sum, whatever |z| is: a single float32 lse = shift s + log_sum of magnitude ~1e4 (small temperatures,
+// confident rows) would carry its rounding, an ulp of |lse|, into every probability. The kernels are built with
+// -ffp-contract=off, so every pass rounds (y - shift) s the same way.
 //
-// exp_f32 is the exponential every kernel uses. The row routines read a row x[0 .. len) of float32 values and
-// a scale s (1 / temperature), and work on z = x * s, the logits divided by the temperature; none of them
-// allocates. They know nothing of tokens, sequences or groups: rows.cpp applies them row by row. Their kEntropy
-// flag adds the entropy's sum (forward) or term (backward); without it they are the loss's loops, unchanged.
+// Infinities. A -inf logit has probability 0. A row whose maximum is -inf (every logit -inf) takes the shift 0
+// (no -inf - -inf = NaN in its sum): its sum is 0, its log_sum -inf, and its token log-prob NaN, which is what
+// torch.log_softmax gives such a row.
+//
+// Entropy. H = -sum_v p_v log p_v comes from the same pass, by one more running sum: with d_v = (y_v - shift) s,
+// A = sum_v exp(d_v) d_v <= 0 gives H = log L - A / L, a sum of two non-negative terms (no cancellation of lse
+// against E[z] where the row is peaked). A column with p = 0 adds exactly 0 to A (never 0 * -inf), and its
+// gradient is exactly 0 as well.
+//
+// exp_f32 and tanh_f32 are the exponential and tanh every kernel uses. The row routines read a row y[0 .. len)
+// of float32 values; none of them allocates. They know nothing of tokens, sequences or groups: rows.cpp and
+// linear.cpp apply them. Their kEntropy flag adds the entropy's sum (forward) or term (backward); without it they
+// are the loss's loops.
 #pragma once
 
 #include <cmath>
@@ -67,6 +72,42 @@ inline float exp_f32(float x) {
   return x < kLow ? 0.0f : p * scale;
 }
 
+// tanh(x) in float32, accurate to a few ulp, branch-free (loops calling it vectorise): the odd Taylor polynomial
+// of degree 15 where |x| < 0.5 (relative truncation error < 1e-8), else sign(x) (1 - 2 / (exp(2 |x|) + 1)).
+inline float tanh_f32(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float u = x * x;
+  float p = -0.00145583438705131826f;
+  p = p * u + 0.00359212803657248102f;
+  p = p * u - 0.00886323552990219656f;
+  p = p * u + 0.02186948853615520282f;
+  p = p * u - 0.05396825396825396826f;
+  p = p * u + 0.13333333333333333333f;
+  p = p * u - 0.33333333333333333333f;
+  const float small = x + x * (u * p);
+  const float large = 1.0f - 2.0f / (exp_f32(a + a) + 1.0f);
+  return a < 0.5f ? small : (x < 0.0f ? -large : large);
+}
+
+// How a raw logit x becomes y (see the top of this file): cap > 0 soft-caps, y = cap tanh(x cap_scale);
+// s = dz/dy. Without a cap, a logit scale is folded into s by the caller.
+struct Spec {
+  float s, cap, cap_scale;
+  bool capped() const { return cap > 0.0f; }
+};
+
+// y of every x[0 .. len), in place (only for a capped spec).
+inline void soft_cap(float* x, int64_t len, const Spec& spec) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) x[j] = spec.cap * tanh_f32(x[j] * spec.cap_scale);
+}
+
+// dy/dx at y for a capped spec: logit_scale (1 - tanh^2) = cap cap_scale (1 - (y / cap)^2).
+inline float soft_cap_grad(float y, const Spec& spec) {
+  const float t = y / spec.cap;
+  return spec.cap * spec.cap_scale * (1.0f - t * t);
+}
+
 // max_j x[j] (NaN entries may be skipped here; they still reach the sum of exponentials).
 inline float row_max(const float* x, int64_t len) {
   float m = -std::numeric_limits<float>::infinity();
@@ -75,7 +116,7 @@ inline float row_max(const float* x, int64_t len) {
   return m;
 }
 
-// The shift that a sum of exp(z - shift) subtracts, for the running maximum m of z: m, or 0 where m is -inf.
+// The shift of a row whose running maximum is m: m, or 0 where m is -inf (a row of -inf logits).
 inline float lse_shift(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.0f : m; }
 
 // A column's share of the entropy's sum A: e * d for e = exp(d), exactly 0 where e is 0 (d = -inf); NaN stays.
@@ -84,17 +125,17 @@ inline float entropy_term(float e, float d) { return e == 0.0f ? 0.0f : e * d; }
 // H = log L - A / L from the sums L and A relative to one shift (see the top of this file).
 inline float entropy_of(float sum, float weighted) { return std::log(sum) - weighted / sum; }
 
-// The sums of a row relative to `shift`: sum_j exp(x[j] * s - shift) and, with kEntropy, the entropy's A.
+// The sums of a row relative to `shift`: L = sum_j exp((y[j] - shift) s) and, with kEntropy, the entropy's A.
 struct SumExp {
   float sum, weighted;
 };
 
 template <bool kEntropy = false>
-inline SumExp row_sum_exp(const float* x, int64_t len, float s, float shift) {
+inline SumExp row_sum_exp(const float* y, int64_t len, float s, float shift) {
   float sum = 0.0f, weighted = 0.0f;
 #pragma omp simd reduction(+ : sum, weighted)
   for (int64_t j = 0; j < len; ++j) {
-    const float d = x[j] * s - shift;
+    const float d = (y[j] - shift) * s;
     const float e = exp_f32(d);
     sum += e;
     if constexpr (kEntropy) weighted += entropy_term(e, d);
@@ -102,51 +143,41 @@ inline SumExp row_sum_exp(const float* x, int64_t len, float s, float shift) {
   return {sum, weighted};
 }
 
-// dL/dz_v of one token but for its one-hot part, for p = exp(d), d = z_v - lse, where the loss holds c_lp times
-// the token's log-prob and (kEntropy) c_ent times its entropy h: -c_lp p, + c_ent p (-d - h) with kEntropy
-// (exactly 0 where p is 0: never 0 * inf).
+// log p of a transformed logit y in a row of (shift, log_sum).
+inline float log_prob(float y, float shift, float s, float log_sum) { return (y - shift) * s - log_sum; }
+
+// The gradient at one column but for its one-hot part, for p = exp(lp), lp = log p, where the objective holds c_lp
+// times the token's log-prob and (kEntropy) c_ent times its entropy h: -c_lp p, + c_ent p (-lp - h) with kEntropy
+// (exactly 0 where p is 0: never 0 * inf). The coefficients carry the factor s of dz/dy.
 template <bool kEntropy>
-inline float softmax_grad(float p, float d, float c_lp, float c_ent, float h) {
+inline float softmax_grad(float p, float lp, float c_lp, float c_ent, float h) {
   if constexpr (kEntropy) {
-    return p == 0.0f ? 0.0f : p * (-c_ent * (d + h) - c_lp);
+    return p == 0.0f ? 0.0f : p * (-c_ent * (lp + h) - c_lp);
   } else {
     return -c_lp * p;
   }
 }
 
-// dL/dz_t at the token's target t: c_lp (1 - p) (no cancellation where p is near 1), + the entropy's part.
+// The gradient at the token's target: c_lp (1 - p) (no cancellation where p is near 1), + the entropy's part.
 template <bool kEntropy>
-inline float target_grad(float p, float d, float c_lp, float c_ent, float h) {
+inline float target_grad(float p, float lp, float c_lp, float c_ent, float h) {
   if constexpr (kEntropy) {
-    return c_lp * (1.0f - p) + softmax_grad<true>(p, d, 0.0f, c_ent, h);
+    return c_lp * (1.0f - p) + softmax_grad<true>(p, lp, 0.0f, c_ent, h);
   } else {
     return c_lp * (1.0f - p);
   }
 }
 
-// The log-softmax d = z - lse of a logit in a backward pass. The loss's kernels (kEntropy false) pass
-// shift = lse and log_sum = 0: d = z - lse. With kEntropy, the logits path passes, where |lse| is large, its
-// row's shift (the maximum) and log_sum = log L computed again: d = (z - shift) - log_sum, exact near the maximum
-// whatever |z| is, where a float32 lse of |lse| ~ 1e4 (T = 1e-4) would carry its rounding, an ulp of |lse|, into
-// every probability and give twice PyTorch's error on rows that are not one-hot (rows.cpp, kExactLse).
-template <bool kEntropy>
-inline float log_softmax(float z, float shift, float log_sum) {
-  if constexpr (kEntropy) {
-    return (z - shift) - log_sum;
-  } else {
-    return z - shift;
-  }
-}
-
-// out[j] = softmax_grad(exp(d), d, ...) for d = log_softmax(x[j] * s, shift, log_sum): minus c_lp times the
-// softmax, + the entropy's part with kEntropy; out may be x itself.
-template <bool kEntropy = false>
-inline void row_softmax_grad(const float* x, float* out, int64_t len, float s, float shift, float log_sum,
-                             float c_lp, float c_ent = 0.0f, float h = 0.0f) {
+// out[j] = softmax_grad of y[j] in a row of (shift, log_sum): minus c_lp times the softmax, + the entropy's part
+// with kEntropy, times dy/dx with kCap; out may be y itself.
+template <bool kEntropy, bool kCap>
+inline void row_softmax_grad(const float* y, float* out, int64_t len, const Spec& spec, float shift, float log_sum,
+                             float c_lp, float c_ent, float h) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
-    const float d = log_softmax<kEntropy>(x[j] * s, shift, log_sum);
-    out[j] = softmax_grad<kEntropy>(exp_f32(d), d, c_lp, c_ent, h);
+    const float lp = log_prob(y[j], shift, spec.s, log_sum);
+    const float g = softmax_grad<kEntropy>(exp_f32(lp), lp, c_lp, c_ent, h);
+    out[j] = kCap ? g * soft_cap_grad(y[j], spec) : g;
   }
 }
 

@@ -2,11 +2,11 @@
 //
 // For a chunk of r scored tokens (hidden (r, H), gathered by gvpo_kernels/cpu.py, which also picks the schedule):
 //
-//   linear_lse   token_logprob, lse (r,): the log-softmax of each token's logits / T at its target, and where an
-//                entropy tensor is given, entropy (r,) of softmax(logits / T), from the same pass
-//   linear_grad  dL/dlogits = coef * (onehot(target) - p), p = exp(logits / T - lse), and where entropy and
-//                coef_entropy are given, + coef_entropy * p * (lse - logits / T - entropy), contracted at once
-//                into d_hidden (r, H), d_weight (V, H) and d_bias (V,) (float32, accumulated over chunks or not)
+//   linear_lse   token_logprob (r,) and norm (2, r) (gvpo_math.h: each row's shift and log_sum) of each token's
+//                transformed logits y, and where an entropy tensor is given, entropy (r,), from the same pass
+//   linear_grad  dL/dlogits = (coef (onehot(target) - p) + coef_entropy p (-log p - entropy)) dy/dx (the
+//                entropy's term where entropy and coef_entropy are given), p from norm, contracted at once into
+//                d_hidden (r, H), d_weight (V, H) and d_bias (V,) (float32, accumulated over chunks or not)
 //
 // Each thread owns a contiguous range of vocabulary rows (at::parallel_for over V: one parallel region per op,
 // whatever the sizes: on a machine shared with other work, every parallel region waits for a core) and walks it
@@ -16,6 +16,7 @@
 //   - linear_lse folds them into the thread's running maximum and sum of exponentials per token, tile by tile
 //     (kTileRows rows in L1: their maximum first, the running sum rescaled once where it grew, then one exp per
 //     logit), and picks the target's logit where it lies in the block; the threads' partials are merged after.
+//     Soft-capped logits (Spec.cap > 0) are capped in the block, in place, right after its GEMM.
 //     With entropy, the entropy's running sum A (gvpo_math.h) is rescaled and summed alongside.
 //   - linear_grad turns them into dL/dlogits (in place when float32), then d_weight[v0:v1] (+)= g @ hidden and
 //     d_bias[v0:v1] (+)= row sums (rows the thread owns), and its own float32 d_hidden accumulator += g.T @ weight
@@ -34,9 +35,9 @@
 // Shapes and dtypes: hidden (r, H) contiguous, weight (V, H) with a contiguous last dimension, bias (V,); all one
 // dtype: float32, bfloat16, float16 or float64 (GEMMs in float64 for float64, else float32; the rest float32).
 // target (r,) int64 >= 0 (>= V: the label lies in another rank's slice of the vocabulary, its logit counts as 0
-// and it gets no one-hot); token_logprob, lse, coef, entropy, coef_entropy (r,) float32; logits_t (V, r) contiguous, float32 (float64
-// for float64 inputs); d_hidden (r, H), d_weight (V, H), d_bias (V,) contiguous float32. coef[t] = 0 gives token
-// t no gradient (coef and coef_entropy).
+// and it gets no one-hot); token_logprob, coef, entropy, coef_entropy (r,) and norm (2, r) float32; logits_t
+// (V, r) contiguous, float32 (float64 for float64 inputs), holding y once the forward has run; d_hidden (r, H),
+// d_weight (V, H), d_bias (V,) contiguous float32. coef[t] = 0 gives token t no gradient (coef and coef_entropy).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -65,9 +66,9 @@ constexpr int64_t kTileRows = 32;  // vocabulary rows per tile of linear_lse: kT
 template <typename scalar_t>
 using logit_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// The running log-sum-exp of tokens [0, width) over `rows` rows of a transposed block x (row stride ld): m (scaled
-// by s) and acc, with one exp per logit; with kEntropy, the entropy's sum `weighted` as well (relative to m).
-// A token whose logits so far are all -inf keeps m = -inf and acc = weighted = 0.
+// The running log-sum-exp of tokens [0, width) over `rows` rows of a transposed block y (row stride ld): the
+// running maximum m of y and acc = sum exp((y - m) s), with one exp per logit; with kEntropy, the entropy's sum
+// `weighted` as well (relative to m). A token whose logits so far are all -inf keeps m = -inf and acc = weighted = 0.
 template <bool kEntropy, typename x_t>
 void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, float* m, float* acc,
               float* weighted, float* tile_max) {
@@ -78,17 +79,17 @@ void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, fl
       const x_t* row = x + v * ld;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const float z = static_cast<float>(row[j]);
-        tile_max[j] = z > tile_max[j] ? z : tile_max[j];
+        const float y = static_cast<float>(row[j]);
+        tile_max[j] = y > tile_max[j] ? y : tile_max[j];
       }
     }
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const float grown = tile_max[j] * s > m[j] ? tile_max[j] * s : m[j];
-      const float rescale = grown == m[j] ? 1.0f : exp_f32(m[j] - grown);  // (equal also when both are -inf)
-      if constexpr (kEntropy) {  // A <- e^(m - m') (A + (m - m') L); nothing to rescale while L = 0
-        weighted[j] = grown == m[j] || acc[j] == 0.0f ? weighted[j]
-                                                      : rescale * (weighted[j] + (m[j] - grown) * acc[j]);
+      const float grown = tile_max[j] > m[j] ? tile_max[j] : m[j];
+      const float moved = (m[j] - grown) * s;  // <= 0; -inf where m was -inf; NaN where both are -inf (unused)
+      const float rescale = grown == m[j] ? 1.0f : exp_f32(moved);  // (equal also when both are -inf)
+      if constexpr (kEntropy) {  // A <- e^moved (A + moved L); nothing to rescale while L = 0
+        weighted[j] = grown == m[j] || acc[j] == 0.0f ? weighted[j] : rescale * (weighted[j] + moved * acc[j]);
       }
       acc[j] *= rescale;
       m[j] = grown;
@@ -98,7 +99,7 @@ void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, fl
       const x_t* row = x + v * ld;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        const float d = static_cast<float>(row[j]) * s - tile_max[j];
+        const float d = (static_cast<float>(row[j]) - tile_max[j]) * s;
         const float e = exp_f32(d);
         acc[j] += e;
         if constexpr (kEntropy) weighted[j] += entropy_term(e, d);
@@ -107,23 +108,38 @@ void fold_lse(const x_t* x, int64_t ld, int64_t rows, int64_t width, float s, fl
   }
 }
 
-// Per-token inputs of a gradient: lse, coef and, with entropy, entropy and coef_entropy (else null), (r,) each.
+// Per-token inputs of a gradient: shift, log_sum, coef and, with entropy, entropy and coef_entropy (else null),
+// (r,) each.
 struct TokenCoefs {
-  const float *lse, *coef, *entropy, *coef_entropy;
+  const float *shift, *log_sum, *coef, *entropy, *coef_entropy;
 };
 
-// One row of a transposed block, as its part of every token's gradient: out[j] = softmax_grad (gvpo_math.h) of
-// x[j] * s - lse[j] with the token's coefficients (kEntropy: the entropy's too), 0 where they are all 0 (never
-// -c times garbage); out may be x.
-template <bool kEntropy, typename x_t>
-void row_softmax_grad_columns(const x_t* x, float* out, int64_t width, float s, const TokenCoefs& t) {
+// One row of a transposed block of y, as its part of every token's gradient: out[j] = softmax_grad (gvpo_math.h)
+// with the token's coefficients (kEntropy: the entropy's too), times dy/dx (kCap), 0 where the coefficients are
+// all 0 (never -c times garbage); out may be x.
+template <bool kEntropy, bool kCap, typename x_t>
+void row_softmax_grad_columns(const x_t* x, float* out, int64_t width, const Spec& spec, const TokenCoefs& t) {
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
-    const float d = static_cast<float>(x[j]) * s - t.lse[j];
-    const float e = exp_f32(d);
+    const float y = static_cast<float>(x[j]);
+    const float lp = log_prob(y, t.shift[j], spec.s, t.log_sum[j]);
     const float c_ent = kEntropy ? t.coef_entropy[j] : 0.0f;
-    const float g = softmax_grad<kEntropy>(e, d, t.coef[j], c_ent, kEntropy ? t.entropy[j] : 0.0f);
+    float g = softmax_grad<kEntropy>(exp_f32(lp), lp, t.coef[j], c_ent, kEntropy ? t.entropy[j] : 0.0f);
+    if constexpr (kCap) g *= soft_cap_grad(y, spec);
     out[j] = t.coef[j] == 0.0f && c_ent == 0.0f ? 0.0f : g;
+  }
+}
+
+// y of a block of raw logits, in place (capped specs only).
+template <typename x_t>
+void cap_block(at::Tensor& z, const Spec& spec) {
+  if (!spec.capped()) return;
+  x_t* x = z.data_ptr<x_t>();
+  const int64_t len = z.numel();
+  if constexpr (std::is_same_v<x_t, float>) {
+    soft_cap(x, len, spec);
+  } else {
+    for (int64_t j = 0; j < len; ++j) x[j] = spec.cap * tanh_f32(static_cast<float>(x[j]) * spec.cap_scale);
   }
 }
 
@@ -132,7 +148,7 @@ struct Chunk {
   at::Tensor weight;  // (V, H) in the input dtype
   std::optional<at::Tensor> bias;  // (V,) in the logits' dtype
   const int64_t* target;
-  float s;  // 1 / temperature
+  Spec spec;
   int64_t block_rows;
 };
 
@@ -181,14 +197,15 @@ at::Tensor logits_operand(const Chunk& c, const BlockBuffers& buffers, int64_t v
 
 // kEntropy: entropy_out (r,) gets each token's entropy (else it is null).
 template <typename scalar_t, bool kEntropy>
-void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at::Tensor& lse,
+void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at::Tensor& norm,
                        const std::optional<at::Tensor>& logits_t, float* entropy_out) {
   using x_t = logit_t<scalar_t>;
   const int64_t r = c.hidden.size(0), vocab = c.weight.size(0);
   const int64_t threads = at::get_num_threads();
-  // Per thread: running maximum, running sum, target logit, entropy's sum (r each); a thread that gets no rows
-  // leaves them as is. A thread's vocabulary range is fixed by its number and the thread count, and the partials
-  // are merged in thread order: the same result run to run.
+  const float s = c.spec.s;
+  // Per thread: running maximum of y, running sum, the target's y, entropy's sum (r each); a thread that gets no
+  // rows leaves them as is. A thread's vocabulary range is fixed by its number and the thread count, and the
+  // partials are merged in thread order: the same result run to run.
   constexpr int64_t kParts = 4;
   std::vector<float> partial(threads * kParts * r, 0.0f);
   for (int64_t t = 0; t < threads; ++t) {
@@ -206,16 +223,18 @@ void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at
       const int64_t rows = std::min(c.block_rows, end - v0);
       at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffers.logits.narrow(0, 0, rows);
       block_logits(c, logits_operand<scalar_t>(c, buffers, v0, rows), v0, z);
+      cap_block<x_t>(z, c.spec);
       const x_t* x = z.data_ptr<x_t>();
-      fold_lse<kEntropy>(x, r, rows, r, c.s, m, acc, weighted, tile_max.data());
+      fold_lse<kEntropy>(x, r, rows, r, s, m, acc, weighted, tile_max.data());
       for (int64_t j = 0; j < r; ++j) {
         const int64_t v = c.target[j] - v0;
-        if (v >= 0 && v < rows) label[j] = static_cast<float>(x[v * r + j]) * c.s;
+        if (v >= 0 && v < rows) label[j] = static_cast<float>(x[v * r + j]);
       }
     }
   });
   float* logprob_out = token_logprob.data_ptr<float>();
-  float* lse_out = lse.data_ptr<float>();
+  float* shift_out = norm.data_ptr<float>();
+  float* log_sum_out = shift_out + r;
   for (int64_t j = 0; j < r; ++j) {  // merge the threads' partials
     float m = -std::numeric_limits<float>::infinity(), label = 0.0f;
     for (int64_t t = 0; t < threads; ++t) m = std::max(m, partial[t * kParts * r + j]);
@@ -224,14 +243,16 @@ void linear_lse_kernel(const Chunk& c, const at::Tensor& token_logprob, const at
     for (int64_t t = 0; t < threads; ++t) {
       const float* p = partial.data() + t * kParts * r;
       if (p[r + j] != 0.0f) {  // (0: no rows, or all -inf; NaN stays)
-        const float rescale = exp_f32(p[j] - shift);
+        const float moved = (p[j] - shift) * s;
+        const float rescale = exp_f32(moved);
         sum += p[r + j] * rescale;
-        if constexpr (kEntropy) weighted += rescale * (p[3 * r + j] + (p[j] - shift) * p[r + j]);
+        if constexpr (kEntropy) weighted += rescale * (p[3 * r + j] + moved * p[r + j]);
       }
-      label += p[2 * r + j];
+      label += p[2 * r + j];  // the target's y from the thread that holds it, 0 from the others
     }
-    lse_out[j] = shift + std::log(sum);
-    logprob_out[j] = label - lse_out[j];
+    shift_out[j] = shift;
+    log_sum_out[j] = std::log(sum);
+    logprob_out[j] = log_prob(label, shift, s, log_sum_out[j]);
     if constexpr (kEntropy) entropy_out[j] = entropy_of(sum, weighted);
   }
 }
@@ -257,8 +278,8 @@ void sum_in_order(const std::vector<at::Tensor>& parts, float* out, int64_t size
   });
 }
 
-// kEntropy: tokens.entropy and tokens.coef_entropy add the entropy's term (else they are null).
-template <typename scalar_t, bool kEntropy>
+// kEntropy: tokens.entropy and tokens.coef_entropy add the entropy's term (else they are null); kCap: capped.
+template <typename scalar_t, bool kEntropy, bool kCap>
 void linear_grad_kernel(const Chunk& c, const TokenCoefs& tokens, const std::optional<at::Tensor>& logits_t,
                         const at::Tensor& d_hidden, const std::optional<at::Tensor>& d_weight,
                         const std::optional<at::Tensor>& d_bias, bool accumulate) {
@@ -279,7 +300,10 @@ void linear_grad_kernel(const Chunk& c, const TokenCoefs& tokens, const std::opt
       const int64_t rows = std::min(c.block_rows, end - v0);
       const at::Tensor w32 = buffers.weight_rows_f32(c, v0, rows);
       at::Tensor z = logits_t.has_value() ? logits_t->narrow(0, v0, rows) : buffers.logits.narrow(0, 0, rows);
-      if (!logits_t.has_value()) block_logits(c, kFloatLogits ? w32 : c.weight.narrow(0, v0, rows), v0, z);
+      if (!logits_t.has_value()) {
+        block_logits(c, kFloatLogits ? w32 : c.weight.narrow(0, v0, rows), v0, z);
+        cap_block<x_t>(z, c.spec);
+      }
       at::Tensor g = kFloatLogits ? z : grad_buffer.narrow(0, 0, rows);
       const x_t* x = z.data_ptr<x_t>();
       float* gp = g.data_ptr<float>();
@@ -287,12 +311,19 @@ void linear_grad_kernel(const Chunk& c, const TokenCoefs& tokens, const std::opt
         const int64_t v = c.target[j] - v0;
         const float c_ent = kEntropy ? tokens.coef_entropy[j] : 0.0f;
         const bool here = v >= 0 && v < rows && (tokens.coef[j] != 0.0f || c_ent != 0.0f);
-        const float d = here ? static_cast<float>(x[v * r + j]) * c.s - tokens.lse[j] : 0.0f;
-        const float p = here ? exp_f32(d) : 0.0f;
-        const float h = kEntropy ? tokens.entropy[j] : 0.0f;
-        target_grads[j] = here ? target_grad<kEntropy>(p, d, tokens.coef[j], c_ent, h) : 0.0f;
+        float g_target = 0.0f;
+        if (here) {
+          const float y = static_cast<float>(x[v * r + j]);
+          const float lp = log_prob(y, tokens.shift[j], c.spec.s, tokens.log_sum[j]);
+          const float h = kEntropy ? tokens.entropy[j] : 0.0f;
+          g_target = target_grad<kEntropy>(exp_f32(lp), lp, tokens.coef[j], c_ent, h);
+          if constexpr (kCap) g_target *= soft_cap_grad(y, c.spec);
+        }
+        target_grads[j] = g_target;
       }
-      for (int64_t v = 0; v < rows; ++v) row_softmax_grad_columns<kEntropy>(x + v * r, gp + v * r, r, c.s, tokens);
+      for (int64_t v = 0; v < rows; ++v) {
+        row_softmax_grad_columns<kEntropy, kCap>(x + v * r, gp + v * r, r, c.spec, tokens);
+      }
       for (int64_t j = 0; j < r; ++j) {
         const int64_t v = c.target[j] - v0;
         if (v >= 0 && v < rows) gp[v * r + j] = target_grads[j];
@@ -325,7 +356,7 @@ at::ScalarType logits_dtype(const at::Tensor& hidden) {
 }
 
 Chunk check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& target, double inv_temperature, int64_t block_rows) {
+                  const at::Tensor& target, double s, double cap, double cap_scale, int64_t block_rows) {
   check(hidden.device().is_cpu() && hidden.dim() == 2 && hidden.is_contiguous(), "hidden",
         "a contiguous (r, H) CPU tensor");
   check(weight.dim() == 2 && weight.size(1) == hidden.size(1) && weight.stride(1) == 1 &&
@@ -341,12 +372,14 @@ Chunk check_chunk(const at::Tensor& hidden, const at::Tensor& weight, const std:
   for (int64_t j = 0; j < target.numel(); ++j) {
     TORCH_CHECK(t[j] >= 0, "gvpo: target[", j, "] = ", t[j], " is negative (pass scored tokens only)");
   }
-  TORCH_CHECK(inv_temperature > 0.0, "gvpo: inv_temperature must be > 0, got ", inv_temperature);
+  TORCH_CHECK(s > 0.0 && cap >= 0.0 && (cap == 0.0 || cap_scale > 0.0), "gvpo: s must be > 0 and cap, cap_scale "
+              ">= 0 (got ", s, ", ", cap, ", ", cap_scale, ")");
   TORCH_CHECK(block_rows > 0, "gvpo: block_rows must be > 0, got ", block_rows);
   const at::ScalarType logits = logits_dtype(hidden);
   std::optional<at::Tensor> bias_logits;
   if (bias.has_value()) bias_logits = bias->to(logits);
-  return Chunk{hidden.to(logits), weight, bias_logits, t, static_cast<float>(inv_temperature), block_rows};
+  const Spec spec{static_cast<float>(s), static_cast<float>(cap), static_cast<float>(cap_scale)};
+  return Chunk{hidden.to(logits), weight, bias_logits, t, spec, block_rows};
 }
 
 void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
@@ -370,48 +403,60 @@ float* optional_float(const std::optional<at::Tensor>& t, const char* name, int6
 }
 
 void linear_lse(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                const at::Tensor& target, double inv_temperature, int64_t block_rows, const at::Tensor& token_logprob,
-                const at::Tensor& lse, const std::optional<at::Tensor>& logits_t,
+                const at::Tensor& target, double s, double cap, double cap_scale, int64_t block_rows,
+                const at::Tensor& token_logprob, const at::Tensor& norm, const std::optional<at::Tensor>& logits_t,
                 const std::optional<at::Tensor>& entropy) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const Chunk c = check_chunk(hidden, weight, bias, target, inv_temperature, block_rows);
+  const Chunk c = check_chunk(hidden, weight, bias, target, s, cap, cap_scale, block_rows);
   check_float(token_logprob, "token_logprob", {hidden.size(0)});
-  check_float(lse, "lse", {hidden.size(0)});
+  check_float(norm, "norm", {2, hidden.size(0)});
   check_logits_t(logits_t, hidden, weight.size(0));
   float* entropy_out = optional_float(entropy, "entropy", hidden.size(0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gvpo_linear_lse", [&] {
     if (entropy_out != nullptr) {
-      linear_lse_kernel<scalar_t, true>(c, token_logprob, lse, logits_t, entropy_out);
+      linear_lse_kernel<scalar_t, true>(c, token_logprob, norm, logits_t, entropy_out);
     } else {
-      linear_lse_kernel<scalar_t, false>(c, token_logprob, lse, logits_t, nullptr);
+      linear_lse_kernel<scalar_t, false>(c, token_logprob, norm, logits_t, nullptr);
     }
   });
 }
 
+template <typename scalar_t, bool kCap>
+void linear_grad_entropy(const Chunk& c, const TokenCoefs& tokens, const std::optional<at::Tensor>& logits_t,
+                         const at::Tensor& d_hidden, const std::optional<at::Tensor>& d_weight,
+                         const std::optional<at::Tensor>& d_bias, bool accumulate) {
+  if (tokens.entropy != nullptr) {
+    linear_grad_kernel<scalar_t, true, kCap>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
+  } else {
+    linear_grad_kernel<scalar_t, false, kCap>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
+  }
+}
+
 void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& target, const at::Tensor& lse, const at::Tensor& coef, double inv_temperature,
-                 int64_t block_rows, const std::optional<at::Tensor>& logits_t, const at::Tensor& d_hidden,
-                 const std::optional<at::Tensor>& d_weight, const std::optional<at::Tensor>& d_bias,
-                 bool accumulate, const std::optional<at::Tensor>& entropy,
+                 const at::Tensor& target, const at::Tensor& norm, const at::Tensor& coef, double s, double cap,
+                 double cap_scale, int64_t block_rows, const std::optional<at::Tensor>& logits_t,
+                 const at::Tensor& d_hidden, const std::optional<at::Tensor>& d_weight,
+                 const std::optional<at::Tensor>& d_bias, bool accumulate, const std::optional<at::Tensor>& entropy,
                  const std::optional<at::Tensor>& coef_entropy) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const Chunk c = check_chunk(hidden, weight, bias, target, inv_temperature, block_rows);
-  check_float(lse, "lse", {hidden.size(0)});
-  check_float(coef, "coef", {hidden.size(0)});
+  const Chunk c = check_chunk(hidden, weight, bias, target, s, cap, cap_scale, block_rows);
+  const int64_t r = hidden.size(0);
+  check_float(norm, "norm", {2, r});
+  check_float(coef, "coef", {r});
   check_logits_t(logits_t, hidden, weight.size(0));
   check_float(d_hidden, "d_hidden", hidden.sizes());
   if (d_weight.has_value()) check_float(*d_weight, "d_weight", weight.sizes());
   if (d_bias.has_value()) check_float(*d_bias, "d_bias", {weight.size(0)});
   TORCH_CHECK(entropy.has_value() == coef_entropy.has_value(),
               "gvpo: entropy and coef_entropy must be given together");
-  const TokenCoefs tokens{lse.data_ptr<float>(), coef.data_ptr<float>(),
-                          optional_float(entropy, "entropy", hidden.size(0)),
-                          optional_float(coef_entropy, "coef_entropy", hidden.size(0))};
+  const float* norm_data = norm.data_ptr<float>();
+  const TokenCoefs tokens{norm_data, norm_data + r, coef.data_ptr<float>(), optional_float(entropy, "entropy", r),
+                          optional_float(coef_entropy, "coef_entropy", r)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gvpo_linear_grad", [&] {
-    if (tokens.entropy != nullptr) {
-      linear_grad_kernel<scalar_t, true>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
+    if (c.spec.capped()) {
+      linear_grad_entropy<scalar_t, true>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
     } else {
-      linear_grad_kernel<scalar_t, false>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
+      linear_grad_entropy<scalar_t, false>(c, tokens, logits_t, d_hidden, d_weight, d_bias, accumulate);
     }
   });
 }
@@ -420,12 +465,13 @@ void linear_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::
 }  // namespace gvpo
 
 TORCH_LIBRARY_FRAGMENT(gvpo, m) {
-  m.def("linear_lse(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float inv_temperature, "
-        "int block_rows, Tensor(a!) token_logprob, Tensor(b!) lse, Tensor(c!)? logits_t, "
+  m.def("linear_lse(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, float s, float cap, "
+        "float cap_scale, int block_rows, Tensor(a!) token_logprob, Tensor(b!) norm, Tensor(c!)? logits_t, "
         "Tensor(d!)? entropy=None) -> ()");
-  m.def("linear_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor lse, Tensor coef, "
-        "float inv_temperature, int block_rows, Tensor(a!)? logits_t, Tensor(b!) d_hidden, Tensor(c!)? d_weight, "
-        "Tensor(d!)? d_bias, bool accumulate, Tensor? entropy=None, Tensor? coef_entropy=None) -> ()");
+  m.def("linear_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor norm, Tensor coef, "
+        "float s, float cap, float cap_scale, int block_rows, Tensor(a!)? logits_t, Tensor(b!) d_hidden, "
+        "Tensor(c!)? d_weight, Tensor(d!)? d_bias, bool accumulate, Tensor? entropy=None, "
+        "Tensor? coef_entropy=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gvpo, CPU, m) {

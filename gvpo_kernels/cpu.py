@@ -1,39 +1,16 @@
-"""The C++ CPU backend: builds and loads csrc/, and drives its kernels through the backend interface.
+"""The C++ CPU backend (backend.Backend): builds and loads csrc/, and drives its kernels.
 
 Build: on first use (the first CPU call with backend "auto" or "cpu"), torch.utils.cpp_extension compiles
 csrc/rows.cpp and csrc/linear.cpp with ``-O3 -march=native -fopenmp`` (about 8 s on two cores, once) into
 ``~/.cache/gvpo_kernels/cpu-<key>`` (``$GVPO_KERNELS_CACHE`` replaces ``~/.cache/gvpo_kernels``), saying so on
-stderr ("gvpo_kernels: compiling the C++ kernels ..."). <key> hashes what the build depends on (the sources, the
-flags, torch's version and install path, Python's version and headers, the compiler's path and version, this
-CPU): every later process of the same environment loads that build directly in ~0.1 s, another environment (a
-second venv) gets its own build beside it, and a build is never reused where it could not run. Without a C++
-compiler or ninja, :func:`unavailable_reason` says so, and backend="auto" runs the torch backend instead
-(ops.select_backend).
+stderr. <key> hashes what the build depends on (sources, flags, torch, Python, the compiler, this CPU), so another
+environment gets its own build and a build is never reused where it could not run. Without a C++ compiler or
+ninja, :func:`unavailable_reason` says so, and backend="auto" runs the torch backend instead.
 
-The kernels (``torch.ops.gvpo.*``): token_forward and token_backward (csrc/rows.cpp), one vectorised float32 pass
-per row of logits, rows in parallel; linear_lse and linear_grad (csrc/linear.cpp), the linear path on a chunk of
-tokens, GEMMs included, each one parallel region in which a thread owns a range of the vocabulary. Given an
-entropy tensor, the forward kernels also compute each token's entropy in the same pass, and the backward kernels
-add its gradient. The backend interface (see torch_impl) over them:
-
-    token_forward(rows, target, temperature)                   -> token_logprob (N,), lse (N,)
-    group_stage                                                   torch_impl's (O(N + S), no vocabulary)
-    token_backward(rows, lay, lse, grad_seq_logprob, grad_loss, temperature, out)
-    linear_forward(rows, weight, bias, target, temperature)     -> token_logprob (N,), lse (N,)
-    linear_backward(rows, weight, bias, lay, lse, grad_seq_logprob, grad_loss, temperature)
-                                                                -> d_hidden (B', T', H), d_weight (V, H), d_bias (V,)
-    linear_loss_and_grads(rows, weight, bias, lay, beta, temperature, needs, entropy=False)
-                                                                -> loss, s, r, dL/ds, d_hidden, d_weight, d_bias
-                                                                   (, token_entropy (N,) with entropy=True)
-    token_stats_forward(rows, target, temperature)              -> token_logprob, lse, token_entropy (N,)
-    token_stats_backward(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature, out)
-    linear_token_stats_forward(rows, weight, bias, target, temperature)
-                                                                -> token_logprob, lse, token_entropy (N,)
-    linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, coef_logprob, coef_entropy,
-                                temperature)                    -> d_hidden, d_weight, d_bias
-
-linear_loss_and_grads is what ops.linear_loss_op calls: the forward and the gradients together, with the fewest
-GEMMs that the inputs allow (its docstring says when three are enough). Only scored rows are computed.
+The kernels (``torch.ops.gvpo.*``): token_forward / token_backward (csrc/rows.cpp), one vectorised float32 pass
+per row of logits, rows in parallel; linear_lse / linear_grad (csrc/linear.cpp), the linear path on a chunk of
+scored tokens, GEMMs included, in which each thread owns a range of the vocabulary. The GEMM schedule over the
+chunks is gvpo_kernels/schedule.py's.
 """
 
 from __future__ import annotations
@@ -54,7 +31,7 @@ import torch
 
 from . import torch_impl
 from ._alloc import empty
-from .layout import Layout
+from .backend import Coefs, Grads, LogitSpec, TokenStats
 
 CHUNK_BYTES = 32 << 20  # linear path, three GEMMs: the logits of a chunk's tokens, kept whole, at most this many bytes
 CHUNK_HIDDEN_BYTES = 4 << 20  # linear path, four GEMMs: a chunk's float32 d_hidden, one per thread, at most this
@@ -71,6 +48,7 @@ LDFLAGS = ["-fopenmp"]
 COMPILING = "gvpo_kernels: compiling the C++ kernels (once, ~10 s) into {}"
 STALE_LOCK_S = 30 * 60  # a build lock older than this was left by a killed build
 
+name = "cpu"
 group_stage = torch_impl.group_stage
 
 _lock = threading.Lock()
@@ -81,8 +59,11 @@ _state = {}  # "reason": None once loaded, or why the kernels cannot run
 # build and load
 
 
-def unavailable_reason():
-    """None when the C++ kernels can run (building them on the first call), else a sentence saying why not."""
+def unavailable_reason(device=None):
+    """None when the C++ kernels can run (on the CPU: they are built on the first call), else a sentence saying
+    why not."""
+    if device is not None and torch.device(device).type != "cpu":
+        return f"the C++ kernels run on CPU tensors; these are on {torch.device(device).type}"
     with _lock:
         if "reason" not in _state:
             _state["reason"] = _build_and_load()
@@ -190,159 +171,47 @@ def _cpu_model() -> str:
 # the logits path
 
 
-def token_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
-    """rows (B', T', V), target (N,) -> token log-prob (N,), lse (N,), float32; both 0 where target < 0."""
-    return _token_forward(rows, target, temperature, entropy=False)
+def _spec_args(spec: LogitSpec):
+    return spec.s, spec.cap, spec.cap_scale
 
 
-def token_stats_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
-    """rows (B', T', V), target (N,) -> token log-prob, lse, entropy of softmax(rows / T) (N,) float32, from one
-    pass over each row; all 0 where target < 0."""
-    return _token_forward(rows, target, temperature, entropy=True)
+def token_forward(rows: torch.Tensor, target: torch.Tensor, spec: LogitSpec, entropy: bool) -> TokenStats:
+    """rows (B', T', V), target (N,) -> TokenStats, one vectorised pass over each scored row (rows in parallel)."""
+    f32 = dict(dtype=torch.float32, device=rows.device)
+    out = TokenStats(empty(target.shape, **f32), empty((2, target.numel()), **f32),
+                     empty(target.shape, **f32) if entropy else None)
+    _kernels().token_forward(rows, target, *_spec_args(spec), out.logprob, out.norm, out.entropy)
+    return out
 
 
-def _token_forward(rows, target, temperature: float, entropy: bool):
-    outs = [empty(target.shape, dtype=torch.float32, device=rows.device) for _ in range(3 if entropy else 2)]
-    _kernels().token_forward(rows, target, 1.0 / temperature, *outs)
-    return tuple(outs)
-
-
-def token_backward(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float, out):
-    """Write grad_loss * dL/ds[seq(n)] / T * (onehot - softmax(rows[n] / T)) into out (B', T', V), which may be
-    rows itself; rows that are not scored get zeros."""
-    coef = torch_impl._token_coef(lay, grad_seq_logprob, grad_loss, temperature).contiguous()
-    _kernels().token_backward(rows, lay.target, lse, coef, 1.0 / temperature, out)
-
-
-def token_stats_backward(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature: float, out):
-    """Write d(sum_n c_lp[n] T token_logprob[n] + c_ent[n] T token_entropy[n]) / drows into out (B', T', V), which
-    may be rows itself: c_lp (onehot - p) + c_ent p (lse - rows / T - H) per row, p = softmax(rows / T); rows that
-    are not scored get zeros. coef_logprob, coef_entropy (N,) float32: the upstream gradients / T, 0 where
-    target < 0; lse, token_entropy (N,) float32 from token_stats_forward."""
-    _kernels().token_backward(rows, target, lse, coef_logprob, 1.0 / temperature, out, token_entropy, coef_entropy)
+def token_backward(rows, target, norm, coefs: Coefs, spec: LogitSpec, out) -> None:
+    """Write dx (backend.Coefs) into out (B', T', V), which may be rows itself."""
+    _kernels().token_backward(rows, target, norm, coefs.logprob, *_spec_args(spec), out, coefs.token_entropy,
+                              coefs.entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the linear path
+# the linear path: chunk kernels for the shared schedule (gvpo_kernels.schedule)
 
 
-def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperature: float, needs,
-                          entropy: bool = False):
-    """The linear path's loss and statistics and, for grad_loss = 1, the gradients that ``needs`` asks for.
-
-    Args:
-        rows: (B', T', H) hidden states (``layout.as_rows``); weight (V, H); bias (V,) or None.
-        needs: (hidden, weight, bias) booleans; the gradients not asked for are None (none asked for: no GEMM past
-            the forward's).
-        entropy: also return each token's entropy, from the forward's pass (no extra GEMM).
-
-    Returns:
-        loss (), seq_logprob (S,), implicit_reward (S,), grad_seq_logprob (S,), d_hidden (B', T', H) in the hidden
-        dtype, d_weight (V, H) and d_bias (V,) in the weight dtype (accumulated in float32) or None; with entropy,
-        token_entropy (N,) float32 (0 where not scored) after them.
-
-    The schedule. dL/dlogits of a token needs dL/ds of its sequence, which depends on the whole group's s. Where
-    that coefficient is known once a chunk's log-sum-exps are, three GEMMs: the chunk's logits, kept (at most
-    CHUNK_BYTES), then d_hidden and d_weight from them. Otherwise four: the logits once for the log-sum-exps, the
-    group stage on every token, then the logits again for the gradients, block by block, never kept. Three apply
-      - on-policy (no ref_logprobs): r_i = 0 whatever s_i is, so dL/ds comes from the rewards alone, before any
-        logit;
-      - with whole groups per chunk: when all scored rows fit in one chunk, or each group's tokens are
-        contiguous and fit in one: once a chunk's log-probs are in, the s of its groups are complete and the
-        group stage gives their dL/ds.
-    """
-    work = _LinearWork(rows, weight, bias, lay.target, temperature, needs, entropy)
-    token_logprob = work.token_logprob
-    if any(needs) and lay.token_ref is None:  # three GEMMs, on-policy: the coefficients first
-        coef = work.coef(lay, group_stage(token_logprob, lay, beta)[3])
-        for chunk in work.chunks(keep=True):
-            work.backward(chunk, work.forward(chunk), coef[chunk.tokens])
-    elif any(needs) and (group_chunks := work.group_chunks(lay)) is not None:  # three GEMMs, whole groups
-        for chunk in group_chunks:
-            lse = work.forward(chunk)
-            coef = work.coef(lay, group_stage(token_logprob, lay, beta)[3])  # exact for every group seen so far
-            work.backward(chunk, lse, coef[chunk.tokens])
-    else:  # four GEMMs (or the forward alone)
-        lse = work.forward_all()
-        if any(needs):
-            coef = work.coef(lay, group_stage(token_logprob, lay, beta)[3])
-            for chunk in work.chunks(keep=False):
-                work.backward(chunk, lse[chunk.tokens], coef[chunk.tokens])
-    out = (*group_stage(token_logprob, lay, beta), *work.grads())
-    return (*out, work.token_entropy) if entropy else out
-
-
-def linear_forward(rows: torch.Tensor, weight, bias, target: torch.Tensor, temperature: float):
-    """rows (B', T', H) hidden, weight (V, H) -> token log-prob (N,), lse (N,), float32, 0 where not scored."""
-    work = _LinearWork(rows, weight, bias, target, temperature)
-    return work.token_logprob, work.forward_all()
-
-
-def linear_token_stats_forward(rows: torch.Tensor, weight, bias, target: torch.Tensor, temperature: float):
-    """rows (B', T', H) hidden, weight (V, H), bias (V,) or None -> token log-prob, lse, entropy of
-    softmax(logits / T) (N,) float32, 0 where not scored; the logits never held whole (as linear_forward)."""
-    work = _LinearWork(rows, weight, bias, target, temperature, entropy=True)
-    lse = work.forward_all()
-    return work.token_logprob, lse, work.token_entropy
-
-
-def linear_backward(rows, weight, bias, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float):
-    """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) in the weight dtype: the
-    gradient pass of the four-GEMM schedule (logits recomputed, lse from the forward)."""
-    coef = torch_impl._token_coef(lay, grad_seq_logprob, grad_loss, temperature)
-    return _linear_grads(rows, weight, bias, lay.target, temperature, lse, coef)
-
-
-def linear_token_stats_backward(rows, weight, bias, target, lse, token_entropy, coef_logprob, coef_entropy,
-                                temperature: float):
-    """d_hidden (B', T', H) in the hidden dtype, d_weight (V, H) and d_bias (V,) (None without bias) in the weight
-    dtype, accumulated in float32, of sum_n c_lp[n] T token_logprob[n] + c_ent[n] T token_entropy[n]: the logits
-    recomputed chunk by chunk. coef_logprob, coef_entropy (N,) float32: the upstream gradients / T, 0 where
-    target < 0; lse, token_entropy (N,) float32 from linear_token_stats_forward."""
-    return _linear_grads(rows, weight, bias, target, temperature, lse, coef_logprob, token_entropy, coef_entropy)
-
-
-def _linear_grads(rows, weight, bias, target, temperature: float, lse, coef, token_entropy=None, coef_entropy=None):
-    """The four-GEMM schedule's gradient pass over every chunk; the entropy's term where token_entropy is given."""
-    work = _LinearWork(rows, weight, bias, target, temperature, (True, True, bias is not None))
-    for chunk in work.chunks(keep=False):
-        entropy_args = () if token_entropy is None else (token_entropy[chunk.tokens], coef_entropy[chunk.tokens])
-        work.backward(chunk, lse[chunk.tokens], coef[chunk.tokens], *entropy_args)
-    return work.grads()
-
-
-class _Chunk:
-    """Scored rows [lo, hi) of one linear call: their token ids (r,), hidden rows (r, H), targets (r,), and, for
-    the three-GEMM schedules, a (V, r) buffer that keeps their logits from forward to backward."""
-
-    def __init__(self, work, lo: int, hi: int, keep: bool):
-        self.tokens = work.scored[lo:hi]
-        first = int(self.tokens[0]) if hi > lo else 0
-        # A contiguous run of tokens (every token scored, say) is a slice: no gather, no scatter.
-        self.span = slice(first, first + hi - lo) if hi > lo and int(self.tokens[-1]) == first + hi - lo - 1 else None
-        hidden = work.flat_hidden[self.span] if self.span else work.flat_hidden.index_select(0, self.tokens)
-        self.hidden = hidden.contiguous()
-        self.target = work.target[self.span] if self.span else work.target[self.tokens]
-        self.logits_t = work.logits_buffer(hi - lo) if keep else None
+def linear_work(rows, weight, bias, target, spec: LogitSpec, needs, entropy: bool) -> "_LinearWork":
+    """rows (B', T', H) hidden, weight (V, H), bias (V,) or None: the chunk kernels of one linear call
+    (csrc/linear.cpp: linear_lse, linear_grad)."""
+    return _LinearWork(rows, weight, bias, target, spec, needs, entropy)
 
 
 class _LinearWork:
-    """One linear call's scored rows (unscored rows cost nothing) in chunks, the C++ passes over a chunk
-    (csrc/linear.cpp: linear_lse, linear_grad), the forward's outputs token_logprob and (entropy=True)
-    token_entropy (N,) float32 (0 where not scored), and the float32 gradient accumulators."""
+    """One linear call's chunks of scored rows (unscored rows cost nothing), the C++ passes over a chunk, and the
+    float32 gradient accumulators (backend.LinearWork)."""
 
-    def __init__(self, rows, weight, bias, target, temperature: float, needs=(False, False, False),
-                 entropy: bool = False):
-        self.rows_shape, self.bias, self.target = rows.shape, bias, target
+    def __init__(self, rows, weight, bias, target, spec: LogitSpec, needs, entropy: bool):
+        self.rows_shape, self.bias, self.target, self.spec, self.entropy = rows.shape, bias, target, spec, entropy
         self.weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         self.flat_hidden = rows.reshape(-1, rows.shape[-1])  # a view, except for hidden that is not (copy, N x H)
         self.scored = (target >= 0).nonzero().squeeze(1)
-        self.inv_temperature = 1.0 / temperature
-        self._buffer = None
+        self._buffer, self._kept = None, None
         device, dtype, (vocab, hidden_size) = rows.device, rows.dtype, weight.shape
         f32 = dict(dtype=torch.float32, device=device)
-        self.token_logprob = torch.zeros(target.shape, **f32)
-        self.token_entropy = torch.zeros(target.shape, **f32) if entropy else None
         all_scored = self.scored.numel() == target.numel()  # then every row of d_hidden is written by a chunk
         self.d_hidden = ((torch.empty if all_scored else torch.zeros)(self.flat_hidden.shape, dtype=dtype,
                                                                        device=device) if needs[0] else None)
@@ -360,88 +229,58 @@ class _LinearWork:
             return max(1, CHUNK_BYTES // (self.logits_dtype().itemsize * vocab))
         return max(64, CHUNK_HIDDEN_BYTES // (4 * hidden_size))  # bounded by the per-thread d_hidden accumulators
 
-    def chunks(self, keep: bool):
-        num_rows, step = self.scored.numel(), self.chunk_rows(keep)
-        return (_Chunk(self, lo, min(lo + step, num_rows), keep) for lo in range(0, num_rows, step))
+    def _rows(self, tokens):
+        """The chunk's hidden rows (r, H) contiguous, and a slice of tokens where they are one contiguous run
+        (every token scored, say: no gather, no scatter), else None."""
+        num = tokens.numel()
+        first = int(tokens[0]) if num else 0
+        span = slice(first, first + num) if num and int(tokens[-1]) == first + num - 1 else None
+        hidden = self.flat_hidden[span] if span else self.flat_hidden.index_select(0, tokens)
+        return hidden.contiguous(), span
 
-    def group_chunks(self, lay: Layout):
-        """Chunks of whole groups, logits kept (each at most chunk_rows(keep=True) scored rows), or None where a
-        group's tokens are not contiguous or do not fit in one chunk."""
-        num_rows, most = self.scored.numel(), self.chunk_rows(keep=True)
-        if num_rows <= most:
-            return [_Chunk(self, 0, num_rows, keep=True)] if num_rows else []
-        first_seqs = (lay.seq_group[1:] != lay.seq_group[:-1]).nonzero().squeeze(1) + 1
-        if first_seqs.numel() != lay.num_groups - 1:  # some group is not one run of consecutive sequences
-            return None
-        starts = torch.cat([first_seqs.new_zeros(1), first_seqs, first_seqs.new_full((1,), lay.num_seqs)])
-        row_starts = torch.searchsorted(self.scored, lay.cu_seqlens[starts]).tolist()  # scored rows before each
-        bounds, lo = [], 0
-        for start, end in zip(row_starts[:-1], row_starts[1:]):  # greedy: whole groups until the chunk is full
-            if end - start > most:
-                return None
-            if end - lo > most:
-                bounds.append((lo, start))
-                lo = start
-        bounds.append((lo, num_rows))
-        return (_Chunk(self, lo, hi, keep=True) for lo, hi in bounds)
-
-    def logits_buffer(self, num_rows: int):
+    def _logits_buffer(self, num_rows: int):
         """A (V, num_rows) view of one buffer reused by every chunk (allocated for the largest)."""
         vocab = self.weight.shape[0]
         if self._buffer is None or self._buffer.numel() < vocab * num_rows:
             self._buffer = torch.empty(vocab * num_rows, dtype=self.logits_dtype(), device=self.weight.device)
         return self._buffer[: vocab * num_rows].view(vocab, num_rows)
 
-    def coef(self, lay: Layout, grad_seq_logprob):
-        """(N,) float32: dL/ds of each token's sequence / T (grad_loss = 1), 0 where not scored."""
-        return torch_impl._token_coef(lay, grad_seq_logprob, torch.ones((), device=grad_seq_logprob.device),
-                                      1.0 / self.inv_temperature)
-
-    def block_rows(self, chunk: _Chunk) -> int:
-        rows = BLOCK_BYTES // (4 * chunk.tokens.numel())
+    def _block_rows(self, num_tokens: int) -> int:
+        rows = BLOCK_BYTES // (4 * max(num_tokens, 1))
         if self.weight.dtype in (torch.bfloat16, torch.float16):  # bounds the kernels' float32 copy of the block
             rows = min(rows, WEIGHT_BLOCK_BYTES // (4 * self.weight.shape[1]))
         return max(16, rows)
 
-    def forward(self, chunk: _Chunk):
-        """The chunk's lse (r,) float32; its token log-probs (and entropies) go to token_logprob (token_entropy),
-        its logits to chunk.logits_t if any."""
-        outs = [empty(chunk.target.shape, dtype=torch.float32, device=chunk.target.device)
-                for _ in range(2 if self.token_entropy is None else 3)]
-        _kernels().linear_lse(chunk.hidden, self.weight, self.bias, chunk.target, self.inv_temperature,
-                              self.block_rows(chunk), outs[0], outs[1], chunk.logits_t, *outs[2:])
-        self.token_logprob[chunk.tokens] = outs[0]
-        if self.token_entropy is not None:
-            self.token_entropy[chunk.tokens] = outs[2]
-        return outs[1]
+    def forward(self, tokens, keep: bool) -> TokenStats:
+        hidden, span = self._rows(tokens)
+        target = self.target[span] if span else self.target[tokens]
+        f32 = dict(dtype=torch.float32, device=target.device)
+        out = TokenStats(empty(target.shape, **f32), empty((2, target.numel()), **f32),
+                         empty(target.shape, **f32) if self.entropy else None)
+        logits_t = self._logits_buffer(tokens.numel()) if keep else None
+        _kernels().linear_lse(hidden, self.weight, self.bias, target, *_spec_args(self.spec),
+                              self._block_rows(tokens.numel()), out.logprob, out.norm, logits_t, out.entropy)
+        self._kept = (hidden, span, logits_t) if keep else None
+        return out
 
-    def forward_all(self):
-        """The forward over every chunk, logits not kept: lse (N,) float32, 0 where not scored."""
-        lse = torch.zeros_like(self.token_logprob)
-        for chunk in self.chunks(keep=False):
-            lse[chunk.tokens] = self.forward(chunk)
-        return lse
-
-    def backward(self, chunk: _Chunk, lse, coef, token_entropy=None, coef_entropy=None):
-        """Add the chunk's gradients (its logits from chunk.logits_t if kept, else computed again); lse, coef and
-        the entropy's token_entropy, coef_entropy (r,) float32 are the chunk's tokens'."""
-        direct = self.d_hidden is not None and self.d_hidden.dtype == torch.float32 and chunk.span
-        d_hidden = (self.d_hidden[chunk.span] if direct
-                    else empty(chunk.hidden.shape, dtype=torch.float32, device=chunk.hidden.device))
-        _kernels().linear_grad(chunk.hidden, self.weight, self.bias, chunk.target, lse, coef, self.inv_temperature,
-                               self.block_rows(chunk), chunk.logits_t, d_hidden, self.d_weight, self.d_bias,
-                               not self.first_chunk, token_entropy, coef_entropy)
+    def backward(self, tokens, norm, coefs: Coefs, kept: bool) -> None:
+        hidden, span, logits_t = self._kept if kept else (*self._rows(tokens), None)
+        self._kept = None
+        target = self.target[span] if span else self.target[tokens]
+        direct = self.d_hidden is not None and self.d_hidden.dtype == torch.float32 and span
+        d_hidden = self.d_hidden[span] if direct else empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        _kernels().linear_grad(hidden, self.weight, self.bias, target, norm.contiguous(), coefs.logprob,
+                               *_spec_args(self.spec), self._block_rows(tokens.numel()), logits_t, d_hidden,
+                               self.d_weight, self.d_bias, not self.first_chunk, coefs.token_entropy, coefs.entropy)
         self.first_chunk = False
         if self.d_hidden is not None and not direct:
-            self.d_hidden.index_copy_(0, chunk.tokens, d_hidden.to(self.d_hidden.dtype))
+            self.d_hidden.index_copy_(0, tokens, d_hidden.to(self.d_hidden.dtype))
 
-    def grads(self):
-        """d_hidden (B', T', H), d_weight (V, H), d_bias (V,) in their final dtypes, None where not computed."""
+    def grads(self) -> Grads:
         if self.first_chunk:  # no scored row at all
             for grad in (self.d_weight, self.d_bias):
                 if grad is not None:
                     grad.zero_()
-        d_hidden = None if self.d_hidden is None else self.d_hidden.view(self.rows_shape)
-        d_weight = None if self.d_weight is None else self.d_weight.to(self.weight.dtype)
-        d_bias = None if self.d_bias is None else self.d_bias.to(self.weight.dtype)
-        return d_hidden, d_weight, d_bias
+        return Grads(None if self.d_hidden is None else self.d_hidden.view(self.rows_shape),
+                     None if self.d_weight is None else self.d_weight.to(self.weight.dtype),
+                     None if self.d_bias is None else self.d_bias.to(self.weight.dtype))

@@ -19,15 +19,18 @@ vocab_process_group (tensor-parallel LM head): rank r holds a contiguous slice o
     of ranks 0..r-1 (uneven slices are fine): its rows of the LM head weight (and bias), or its columns of the
     logits. Labels are global ids, the same tokens on every rank. One all-gather of four int64 per rank (slice size,
     error flag, a code of the settings and a fingerprint of the tokens: labels, mask, rewards, anchor, groups;
-    ranks that disagree all raise), one all-gather of 2 float32 per token (the slice's log-sum-exp and the
-    label's logit, 0 where the label lies in another slice); every rank then has the full log-sum-exp and log-prob
-    of every token. Each rank gets the gradient of its own weight slice (and logits columns) exactly as the
+    ranks that disagree all raise), one all-gather of 4 float32 per token (the slice's normaliser, shift and
+    log_sum, and its share of the label's log-prob with a flag of which slice holds the label; a 5th with
+    entropies); every rank then has the full normaliser and log-prob of every token. Each rank gets the gradient of its own weight slice (and logits columns) exactly as the
     unsplit head gives it, and its slice's contribution to the hidden-state gradient: sum those over the
     vocabulary group (as Megatron's column-parallel input region does in its backward) for the unsplit d_hidden.
 
-Per call, each rank sends 40 + 8 U + 24 G bytes for groups spread over ranks, and 32 + 8 N bytes (N: tokens)
-for a vocabulary split: nothing per vocabulary entry, nothing N x V, no per-token data for groups. Eager mode only
-(no torch.compile, no inplace_backward).
+Every setting that changes what crosses the network or what a rank computes (the whole of ops.Options but the
+backend: beta, temperature, reduction, return_stats, ...) is in the settings code, so ranks that disagree raise a
+clear error instead of failing inside a collective. Per call, each rank sends 40 + 8 U + 24 G bytes for groups
+spread over ranks, and 32 + 16 N bytes (N: tokens; 20 N with entropies) for a vocabulary split: nothing per
+vocabulary entry, nothing N x V, no per-token data for groups. The losses run ops' own eager autograd.Functions
+with the stage of this module (:class:`RanksStage`). Eager mode only (no torch.compile, no inplace_backward).
 """
 
 from __future__ import annotations
@@ -39,9 +42,13 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import layout, ops, torch_impl
-from ._alloc import empty
+from . import torch_impl
+from .backend import GroupStats, LogitSpec, TokenStats
 from .layout import Layout
+from .ops.common import Call, Data, Options, Stage, build_layout
+from .ops.linear import _LinearLoss
+from .ops.logits import _LogitsLoss
+from .ops.select import select_backend
 
 class InputError(RuntimeError):
     """Raised on every rank when another rank's input failed its checks (that rank raises the check's own error)."""
@@ -56,75 +63,68 @@ class Ranks:
     group_index: torch.Tensor | None  # (S,) int64: each local sequence's group, numbered 0..num_groups-1 over all
     num_groups: int  # ranks of group_pg (the distinct global group ids, sorted); 0 without group_pg
     reduction_mean: bool
+    local_vocab: int  # this rank's vocabulary slice size
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry points (functional.py routes here when a process group is given)
 
 
-def gvpo_loss(logits, labels, rewards, *, backend, group_process_group, vocab_process_group, inplace_backward,
-              beta, temperature, entropy=False, **build_args):
-    """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy ((S,) with ``entropy``, else (0,)) of the
-    logits path across ranks."""
-    problem = None
-    if inplace_backward:
-        problem = ValueError("inplace_backward is not supported together with a process group")
-    impl, lay, ranks = _prepare(logits.shape[-1], logits.device, backend, labels, rewards, group_process_group,
-                                vocab_process_group, beta, temperature, build_args, problem)
-    stats_impl = ops.entropy_backend(impl, backend, "token_stats_forward", True) if entropy else None
-    return _LogitsAcrossRanks.apply(logits, impl, stats_impl, lay, ranks, float(beta), float(temperature))
+def gvpo_loss(logits, data: Data, opts: Options, group_process_group, vocab_process_group, problem=None):
+    """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy ((S,) with opts.entropy, else (0,)) of the
+    logits path across ranks. ``problem``: an error the caller found, raised after the first exchange."""
+    call = _prepare(logits.shape[-1], logits.device, data, opts, group_process_group, vocab_process_group, problem)
+    return _LogitsLoss.apply(logits, call)
 
 
-def linear_gvpo_loss(hidden, weight, bias, labels, rewards, *, backend, group_process_group, vocab_process_group,
-                     beta, temperature, entropy=False, **build_args):
-    """loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy of the linear path across ranks."""
-    impl, lay, ranks = _prepare(weight.shape[0], hidden.device, backend, labels, rewards, group_process_group,
-                                vocab_process_group, beta, temperature, build_args)
-    stats_impl = ops.entropy_backend(impl, backend, "linear_token_stats_forward", True) if entropy else None
-    return _LinearAcrossRanks.apply(hidden, weight, bias, impl, stats_impl, lay, ranks, float(beta),
-                                    float(temperature))
+def linear_gvpo_loss(hidden, weight, bias, data: Data, opts: Options, group_process_group, vocab_process_group):
+    """The same for the linear path."""
+    call = _prepare(weight.shape[0], hidden.device, data, opts, group_process_group, vocab_process_group)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    return _LinearLoss.apply(hidden, weight, bias, call, needs)
 
 
-def _prepare(local_vocab: int, device, backend: str, labels, rewards, group_pg, vocab_pg, beta, temperature,
-             build_args, problem=None):
+def _prepare(local_vocab: int, device, data: Data, opts: Options, group_pg, vocab_pg, problem=None) -> Call:
     """Check the input on every rank, exchanging an error flag with the first collective of each process group,
     so that a bad input on one rank raises on all of them instead of leaving the others waiting. The same
-    exchange compares what the ranks must agree on: the settings (beta, temperature, reduction) on both groups,
+    exchange compares what the ranks must agree on: the settings (every option but the backend) on both groups,
     and on the vocabulary group the tokens themselves (a fingerprint of labels, mask, rewards, anchor and groups).
 
     Every exchanged tensor lives on ``device`` (the input's), as NCCL needs for CUDA and gloo accepts.
 
-    ``problem``: an error the caller already found, raised after the exchanges like any other.
-
-    Returns the backend for ``backend`` on ``device`` (ops.select_backend), the Layout, with targets local to this
-    rank's vocabulary slice (>= local_vocab for a label in another slice), and the :class:`Ranks` of the call.
+    Returns the Call: the backend for ``opts.backend`` on ``device``, the Layout, with targets local to this rank's
+    vocabulary slice (>= local_vocab for a label in another slice), and the stage across ranks. ``problem``: an
+    error the caller already found, raised after the exchanges like any other.
     """
     impl = None
     try:
-        impl = ops.select_backend(backend, device)
+        impl = select_backend(opts.backend, device)
     except RuntimeError as exc:  # a backend that cannot run on this rank
         problem = problem or exc
-    group_ids = build_args["group_ids"]
+    group_ids = data.group_ids
     if problem is None and group_pg is not None and group_ids is None:
         problem = ValueError("group_process_group needs group_ids: the global group id of each local sequence")
-    settings = _code((_float_bits(beta), _float_bits(temperature), build_args["reduction"], build_args["ignore_index"]))
+    settings = _code(tuple(_float_bits(v) if isinstance(v, float) else v
+                           for v in dataclasses.replace(opts, backend="").args()))
     vocab_offset, vocab_total = 0, local_vocab
     if vocab_pg is not None:
-        tokens = _code(tuple(_fingerprint(build_args[k]) for k in ("group_ids", "mask", "cu_seqlens", "ref_logprobs"))
-                      + (_fingerprint(labels), _fingerprint(rewards), build_args["group_size"]))
+        tokens = _code(tuple(_fingerprint(t) for t in data))
         everyone = _all_gather_ints([local_vocab, problem is not None, settings, tokens], vocab_pg, device)
         if problem is None and any(flag for _, flag, _, _ in everyone):
             problem = InputError("another rank of vocab_process_group failed its input checks (see its error)")
         if problem is None and len({(s, t) for _, _, s, t in everyone}) > 1:
             problem = ValueError("the ranks of vocab_process_group passed different labels, mask, rewards, "
-                                 "ref_logprobs, groups or settings: every rank of a vocabulary split passes the "
-                                 "same tokens and options, and only its own slice of the vocabulary")
+                                 "ref_logprobs, groups or settings (beta, temperature, reduction, return_stats, "
+                                 "...): every rank of a vocabulary split passes the same tokens and options, and "
+                                 "only its own slice of the vocabulary")
         vocab_offset = sum(size for size, *_ in everyone[: dist.get_rank(vocab_pg)])
         vocab_total = sum(size for size, *_ in everyone)
     lay = None
     if problem is None:
         try:
-            lay = layout.build(labels, rewards, vocab_size=vocab_total, **build_args)
+            lay = build_layout(vocab_total, data, opts)
         except (ValueError, TypeError) as exc:
             problem = exc
     group_index, num_groups = torch.zeros(0, dtype=torch.int64, device=device), 0
@@ -139,8 +139,8 @@ def _prepare(local_vocab: int, device, backend: str, labels, rewards, group_pg, 
         if problem is None and flagged:
             problem = InputError("another rank of group_process_group failed its input checks (see its error)")
         if problem is None and most != -least:
-            problem = ValueError("the ranks of group_process_group passed different beta, temperature, reduction "
-                                 "or ignore_index")
+            problem = ValueError("the ranks of group_process_group passed different settings (beta, temperature, "
+                                 "reduction, ignore_index, return_stats, ...)")
         if problem is None and most_ids:
             # every rank's distinct ids, padded to one length with the largest id (which some rank holds)
             padded = torch.cat([local_ids, local_ids.new_full((most_ids - local_ids.numel(),), largest_id)])
@@ -156,9 +156,9 @@ def _prepare(local_vocab: int, device, backend: str, labels, rewards, group_pg, 
         owned = (target >= vocab_offset) & (target < vocab_offset + local_vocab)
         local = torch.where(owned, target - vocab_offset, torch.full_like(target, local_vocab))
         lay = dataclasses.replace(lay, target=torch.where(target >= 0, local, target))
-    ranks = Ranks(group_pg=group_pg, vocab_pg=vocab_pg,
-                  group_index=group_index, num_groups=num_groups, reduction_mean=build_args["reduction"] == "mean")
-    return impl, lay, ranks
+    ranks = Ranks(group_pg=group_pg, vocab_pg=vocab_pg, group_index=group_index, num_groups=num_groups,
+                  reduction_mean=opts.reduction == "mean", local_vocab=local_vocab)
+    return Call(opts, lay, impl, RanksStage(impl, lay, opts, ranks))
 
 
 def _code(parts) -> int:
@@ -193,29 +193,46 @@ def _all_gather_ints(values, group, device):
 # the two exchanges of the math
 
 
-def combine_vocab_slices(token_logprob, lse, token_entropy, target, group):
-    """Per-token (label logit - lse, lse, entropy or None) of this rank's slice -> the same over the whole
-    vocabulary.
+def combine_vocab_slices(stats: TokenStats, target, local_vocab: int, spec: LogitSpec, group) -> TokenStats:
+    """This rank's token statistics over its vocabulary slice -> the same over the whole vocabulary.
 
-    ``target`` is local: -1 not scored, >= V_local for a label in another slice (whose logit this slice counts as
-    0, so that summing the label logits over the slices gives the label's own). The entropy of the whole
-    softmax from the slices' (lse_r, H_r): with w_r = exp(lse_r - lse) the slice's share of the mass,
-    H = sum_r w_r (H_r + lse - lse_r), a sum of non-negative terms (sum_r w_r = 1).
+    ``target`` is local: -1 not scored, >= local_vocab for a label in another slice. Each slice sends its normaliser
+    (shift_r, log_sum_r), its part of the label's log-prob, (y_label - shift_r) s, with a flag of whether it holds
+    the label, and its entropy H_r. The whole: shift = the largest shift of the slices with any mass (log_sum_r >
+    -inf), log_sum = log sum_r exp((shift_r - shift) s + log_sum_r); the label's log-prob from the slice holding it;
+    and with w_r = exp(lse_r - lse) each slice's share of the mass, H = sum_r w_r (H_r + lse - lse_r), a sum of
+    non-negative terms over the slices with mass. A slice whose logits are all -inf adds nothing (no inf - inf or
+    0 * inf anywhere).
     """
     scored = target >= 0
-    zero = torch.zeros_like(lse)
-    label_logit = torch.where(scored, token_logprob + lse, zero)
-    local = torch.stack([lse, label_logit] + ([] if token_entropy is None else [token_entropy]))
+    owned = scored & (target < local_vocab)
+    shift_r, log_sum_r = stats.norm
+    has_mass = log_sum_r > float("-inf")
+    label_part = torch.where(owned & has_mass, stats.logprob + log_sum_r, float("-inf"))
+    rows = [shift_r, log_sum_r, label_part, owned.float()] + ([] if stats.entropy is None else [stats.entropy])
+    local = torch.stack(rows)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, local, group=group)
-    stacked = torch.stack(everyone)  # (world, 2 or 3, N)
-    full_lse = torch.logsumexp(stacked[:, 0], dim=0)
-    full_label = stacked[:, 1].sum(dim=0)
-    full_entropy = None
-    if token_entropy is not None:
-        share = torch.exp(stacked[:, 0] - full_lse)
-        full_entropy = torch.where(scored, (share * (stacked[:, 2] + full_lse - stacked[:, 0])).sum(0), zero)
-    return torch.where(scored, full_label - full_lse, zero), full_lse, full_entropy
+    stacked = torch.stack(everyone)  # (world, 4 or 5, N)
+    shifts, log_sums, label_parts, owners = stacked[:, :4].unbind(1)  # each (world, N)
+    mass = log_sums > float("-inf")
+    shift = torch.where(mass, shifts, float("-inf")).max(dim=0).values
+    shift = torch.where(shift == float("-inf"), 0.0, shift)
+    moved = (shifts - shift) * spec.s  # each slice's shift relative to the whole's, in z units
+    lse_r = torch.where(mass, moved + log_sums, float("-inf"))  # each slice's lse minus the whole's shift s
+    log_sum = torch.logsumexp(lse_r, dim=0)
+    owner = owners > 0
+    label = torch.where(owner, torch.where(owner & mass, label_parts + moved, float("-inf")), 0.0).sum(dim=0)
+    zero = torch.zeros_like(log_sum)
+    logprob = torch.where(scored, label - log_sum, zero)
+    norm = torch.stack([torch.where(scored, shift, zero), torch.where(scored, log_sum, zero)])
+    entropy = None
+    if stats.entropy is not None:
+        entropies = stacked[:, 4]
+        gap = lse_r - log_sum  # log w_r <= 0; -inf for a slice without mass
+        share = torch.exp(gap)
+        entropy = torch.where(scored, torch.where(mass, share * (entropies - gap), 0.0).sum(dim=0), zero)
+    return TokenStats(logprob, norm, entropy)
 
 
 def group_stage_across_ranks(token_logprob, lay: Layout, beta: float, ranks: Ranks):
@@ -237,61 +254,24 @@ def group_stage_across_ranks(token_logprob, lay: Layout, beta: float, ranks: Ran
     loss = ((squares - count * mean * mean).clamp(min=0) / (2 * bessel)).sum()
     scale = 1.0 / max(int(present.sum()), 1) if ranks.reduction_mean else 1.0
     grad_seq_logprob = (beta * scale) * (x - mean[ids]) / bessel[ids]
-    return (loss * scale).float(), seq_logprob, implicit_reward, grad_seq_logprob.float()
+    return GroupStats((loss * scale).float(), seq_logprob, implicit_reward, grad_seq_logprob.float())
 
 
-def _token_stats(impl, lay: Layout, ranks: Ranks, beta: float, token_logprob, lse, token_entropy):
-    """Token stage outputs of this rank -> the full-vocabulary ones, then the group stage (across ranks or not):
-    (loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy), lse."""
-    if ranks.vocab_pg is not None:
-        token_logprob, lse, token_entropy = combine_vocab_slices(token_logprob, lse, token_entropy, lay.target,
-                                                                 ranks.vocab_pg)
-    if ranks.group_pg is not None:
-        stats = group_stage_across_ranks(token_logprob, lay, beta, ranks)
-    else:
-        stats = impl.group_stage(token_logprob, lay, beta)
-    return (*stats, ops._seq_entropy(token_entropy, lay)), lse
+class RanksStage(Stage):
+    """The stage across ranks (ops.common.Stage's call): the vocabulary slices combined first, then the group
+    stage over the ranks of the group process group (or this process's). Collectives inside: the GEMM schedule
+    calls it once, on every rank alike."""
 
+    local = False
 
-class _LogitsAcrossRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, impl, stats_impl, lay, ranks, beta, temperature):
-        """``stats_impl``: the backend whose token_stats_forward also gives the entropy, or None for none."""
-        rows = layout.as_rows(logits)
-        token_logprob, lse, token_entropy = ops.token_pass(stats_impl or impl, rows, lay.target, temperature,
-                                                           stats_impl is not None)
-        (loss, *stats), lse = _token_stats(impl, lay, ranks, beta, token_logprob, lse, token_entropy)
-        ctx.mark_non_differentiable(*stats)
-        ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, logits.shape
-        ctx.save_for_backward(rows, lse, stats[2])
-        return (loss, *stats)
+    def __init__(self, impl, lay: Layout, opts: Options, ranks: Ranks):
+        super().__init__(impl, lay, opts)
+        self.ranks = ranks
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        ops.no_double_backward("gvpo_loss")
-        rows, lse, grad_seq = ctx.saved_tensors
-        grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        ctx.impl.token_backward(rows, ctx.lay, lse, grad_seq, grad_loss, ctx.temperature, out=grad)
-        return grad.reshape(ctx.shape), None, None, None, None, None, None
-
-
-class _LinearAcrossRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, impl, stats_impl, lay, ranks, beta, temperature):
-        rows = layout.as_rows(hidden)
-        weight, bias = ops.head_for_kernels(weight, bias)
-        token_logprob, lse, token_entropy = ops.linear_token_pass(stats_impl or impl, rows, weight, bias, lay.target,
-                                                                  temperature, stats_impl is not None)
-        (loss, *stats), lse = _token_stats(impl, lay, ranks, beta, token_logprob, lse, token_entropy)
-        ctx.mark_non_differentiable(*stats)
-        ctx.impl, ctx.lay, ctx.temperature, ctx.shape = impl, lay, temperature, hidden.shape
-        ctx.save_for_backward(rows, weight, bias, lse, stats[2])
-        return (loss, *stats)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_):
-        ops.no_double_backward("linear_gvpo_loss")
-        rows, weight, bias, lse, grad_seq = ctx.saved_tensors
-        d_hidden, d_weight, d_bias = ctx.impl.linear_backward(rows, weight, bias, ctx.lay, lse, grad_seq, grad_loss,
-                                                              ctx.temperature)
-        return d_hidden.reshape(ctx.shape), d_weight, d_bias, None, None, None, None, None, None
+    def group(self, stats: TokenStats) -> tuple[TokenStats, GroupStats]:
+        if self.ranks.vocab_pg is not None:
+            stats = combine_vocab_slices(stats, self.lay.target, self.ranks.local_vocab, self.opts.spec,
+                                         self.ranks.vocab_pg)
+        if self.ranks.group_pg is not None:
+            return stats, group_stage_across_ranks(stats.logprob, self.lay, self.opts.beta, self.ranks)
+        return stats, self.impl.group_stage(stats.logprob, self.lay, self.opts.beta)

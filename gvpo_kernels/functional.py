@@ -90,26 +90,22 @@ def gvpo_loss(
         loss = gk.gvpo_loss(logits, labels, rewards, group_size=k, ref_logprobs=old_logprobs, beta=0.1)
         loss.backward()
     """
-    layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                         backend=backend)
+    opts = _options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                    backend=backend, group_size=group_size, entropy=return_stats)
     layout.check_flag("inplace_backward", inplace_backward)
     layout.check_flag("return_stats", return_stats)
     layout.check_process_group("group_process_group", group_process_group)
     layout.check_process_group("vocab_process_group", vocab_process_group)
     layout.check_logits(logits, labels)
+    data = ops.Data(labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs)
     if group_process_group is not None or vocab_process_group is not None:
-        stats = distributed.gvpo_loss(
-            logits, labels, rewards, backend=backend,
-            group_process_group=group_process_group, vocab_process_group=vocab_process_group,
-            inplace_backward=inplace_backward, beta=beta, temperature=temperature, group_size=group_size,
-            group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs,
-            ignore_index=ignore_index, reduction=reduction, entropy=return_stats)
-        return (stats[0], GVPOStats(*stats[1:])) if return_stats else stats[0]
-    loss, *stats = ops.gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
-                                 cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta,
-                                 temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                                 backend=backend, inplace_backward=inplace_backward, entropy=return_stats)
-    return (loss, GVPOStats(*stats)) if return_stats else loss
+        problem = ValueError("inplace_backward is not supported together with a process group") \
+            if inplace_backward else None  # raised on this rank after the first exchange, so no rank waits
+        outs = distributed.gvpo_loss(logits, data, opts, group_process_group, vocab_process_group, problem)
+    else:
+        _check_inplace(logits, inplace_backward)
+        outs = ops.gvpo_loss(logits, data, opts, inplace_backward)
+    return (outs[0], GVPOStats(*outs[1:])) if return_stats else outs[0]
 
 
 def linear_gvpo_loss(
@@ -158,25 +154,19 @@ def linear_gvpo_loss(
                                    ref_logprobs=old_logprobs, beta=0.1)
         loss.backward()
     """
-    layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                         backend=backend)
+    opts = _options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                    backend=backend, group_size=group_size, entropy=return_stats)
     layout.check_flag("return_stats", return_stats)
     layout.check_process_group("group_process_group", group_process_group)
     layout.check_process_group("vocab_process_group", vocab_process_group)
     layout.check_linear(hidden, weight, bias, labels)
+    data = ops.Data(labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs)
     if group_process_group is not None or vocab_process_group is not None:
-        stats = distributed.linear_gvpo_loss(
-            hidden, weight, bias, labels, rewards, backend=backend,
-            group_process_group=group_process_group, vocab_process_group=vocab_process_group, beta=beta,
-            temperature=temperature, group_size=group_size, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
-            ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction, entropy=return_stats)
-        return (stats[0], GVPOStats(*stats[1:])) if return_stats else stats[0]
-    loss, *stats = ops.linear_gvpo_loss(hidden, weight, bias, labels, rewards, group_size=group_size,
-                                        group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
-                                        ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
-                                        reduction=reduction, ignore_index=ignore_index, backend=backend,
-                                        entropy=return_stats)
-    return (loss, GVPOStats(*stats)) if return_stats else loss
+        outs = distributed.linear_gvpo_loss(hidden, weight, bias, data, opts, group_process_group,
+                                            vocab_process_group)
+    else:
+        outs = ops.linear_gvpo_loss(hidden, weight, bias, data, opts)
+    return (outs[0], GVPOStats(*outs[1:])) if return_stats else outs[0]
 
 
 def token_logprobs(
@@ -215,10 +205,9 @@ def token_logprobs(
         logprob, entropy = gk.token_logprobs(logits, labels, return_entropy=True)
         (-(0.01 * entropy).sum()).backward()           # an entropy bonus
     """
-    _check_stats_options(temperature, ignore_index, return_entropy, backend)
+    opts = _stats_options(temperature, ignore_index, return_entropy, backend)
     layout.check_logits(logits, labels)
-    logprob, entropy = ops.token_stats(logits, labels, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                                       ignore_index=ignore_index, backend=backend, entropy=return_entropy)
+    logprob, entropy = ops.token_stats(logits, ops.Data(labels, mask=mask, cu_seqlens=cu_seqlens), opts)
     return (logprob, entropy) if return_entropy else logprob
 
 
@@ -250,15 +239,46 @@ def linear_token_logprobs(
         hidden = model.model(input_ids).last_hidden_state[:, :-1]
         ref_logprobs = gk.linear_token_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:])
     """
-    _check_stats_options(temperature, ignore_index, return_entropy, backend)
+    opts = _stats_options(temperature, ignore_index, return_entropy, backend)
     layout.check_linear(hidden, weight, bias, labels)
-    logprob, entropy = ops.linear_token_stats(hidden, weight, bias, labels, mask=mask, cu_seqlens=cu_seqlens,
-                                              temperature=temperature, ignore_index=ignore_index, backend=backend,
-                                              entropy=return_entropy)
+    logprob, entropy = ops.linear_token_stats(hidden, weight, bias, ops.Data(labels, mask=mask, cu_seqlens=cu_seqlens),
+                                              opts)
     return (logprob, entropy) if return_entropy else logprob
 
 
-def _check_stats_options(temperature, ignore_index, return_entropy, backend) -> None:
+def _options(*, beta, temperature, reduction, ignore_index, backend, group_size, entropy) -> ops.Options:
+    """The checked options of a loss, as the autograd layer takes them."""
+    layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                         backend=backend)
+    if group_size is not None:
+        layout.check_count("group_size", group_size)
+    _check_no_functorch()
+    return ops.Options(group_size=None if group_size is None else int(group_size), beta=float(beta),
+                       temperature=float(temperature), reduction=reduction, ignore_index=int(ignore_index),
+                       backend=backend, entropy=bool(entropy))
+
+
+def _stats_options(temperature, ignore_index, return_entropy, backend) -> ops.Options:
     layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
                          backend=backend)
     layout.check_flag("return_entropy", return_entropy)
+    _check_no_functorch()
+    return ops.Options(temperature=float(temperature), ignore_index=int(ignore_index), backend=backend,
+                       entropy=bool(return_entropy))
+
+
+def _check_inplace(logits, inplace_backward) -> None:
+    """inplace_backward overwrites the logits with their gradient: never a leaf that requires grad (a parameter
+    would silently become its own gradient; PyTorch refuses in-place ops on such leaves too)."""
+    compiled = torch.compiler.is_compiling()  # compiled, the gradient gets a buffer of its own
+    if inplace_backward and not compiled and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("inplace_backward=True would overwrite logits that are a leaf tensor requiring grad (an "
+                           "nn.Parameter, or a tensor made with requires_grad=True) with their own gradient; pass "
+                           "the output of the op that made the logits (model(...).logits), or "
+                           "inplace_backward=False")
+
+
+def _check_no_functorch() -> None:
+    """torch.func transforms (grad, vmap, ...) cannot see through the fused kernels: say so plainly."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(ops.common.FUNCTORCH_MESSAGE)

@@ -393,7 +393,7 @@ def _check_cu_seqlens(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     _check_device("cu_seqlens", cu_seqlens, device)
-    cu = cu_seqlens.to("cpu", torch.int64)
+    cu = cu_seqlens.to("cpu", torch.int64).contiguous()  # kernels read it through a raw pointer
     if cu[0].item() != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
     if (cu[1:] < cu[:-1]).any():

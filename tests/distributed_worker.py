@@ -198,9 +198,19 @@ def run_bad_inputs(rank: int, world: int, init_file: str, backend: str) -> None:
         gk.gvpo_loss(full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,
                      group_ids=full["group_ids"][seqs], beta=0.1 + rank, group_process_group=everyone)
     except ValueError as exc:
-        assert "different beta" in str(exc), str(exc)
+        assert "different settings" in str(exc), str(exc)
     else:
         raise AssertionError("data-parallel ranks with different beta were accepted")
+
+    # vocabulary ranks where only rank 0 asks for the statistics (logging on rank 0), which changes what crosses
+    # the network: ValueError on every rank, not a crash inside the collective
+    try:
+        gk.gvpo_loss(full["logits"][..., lo:hi].contiguous(), full["labels"], full["rewards"], backend=backend,
+                     group_ids=full["group_ids"], vocab_process_group=everyone, return_stats=rank == 0)
+    except ValueError as exc:
+        assert "return_stats" in str(exc), str(exc)
+    else:
+        raise AssertionError("vocabulary ranks disagreeing on return_stats were accepted")
 
     # and after all of that, the ranks still agree on a good call (no collective was left half done)
     got = gk.gvpo_loss(full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,

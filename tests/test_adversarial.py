@@ -209,6 +209,23 @@ def test_inplace_backward_under_another_node_that_saved_the_logits_raises(backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_refuses_a_leaf_that_requires_grad(backend):
+    """A parameter (or any leaf requiring grad) would silently be overwritten with its own gradient: refused by
+    name, and left unchanged; the same values as a non-leaf are accepted."""
+    skip_unavailable(backend)
+    inputs = logits_inputs()
+    leaf = torch.nn.Parameter(inputs["logits"].detach().clone())
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="inplace_backward=True would overwrite logits that are a leaf"):
+        gk.gvpo_loss(leaf, inputs["labels"], inputs["rewards"], backend=backend, inplace_backward=True,
+                     **inputs["kwargs"])
+    torch.testing.assert_close(leaf.detach(), before, rtol=0, atol=0)
+    gk.gvpo_loss(leaf * 1.0, inputs["labels"], inputs["rewards"], backend=backend, inplace_backward=True,
+                 **inputs["kwargs"]).backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_refuses_rows_that_share_memory(backend):
     skip_unavailable(backend)
     inputs = logits_inputs()

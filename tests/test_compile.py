@@ -13,6 +13,9 @@ from cases import Case, make_inputs
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu, ops
+from gvpo_kernels.ops import linear as ops_linear
+from gvpo_kernels.ops import logits as ops_logits
+from gvpo_kernels.ops import stats as ops_stats
 
 CPU = torch.device("cpu")
 BACKENDS = ["cpu", "torch"] if cpu.unavailable_reason() is None else ["torch"]
@@ -126,18 +129,63 @@ def test_inplace_backward_under_compile_leaves_the_logits_alone():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ops_pass_opcheck(backend):
-    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the three ops."""
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of every op."""
     inputs = make_inputs(Case(hidden_size=16, vocab=64, groups=(2, 2), seq_len=6, bias=True, layout="packed"), CPU)
     kw = inputs["kwargs"]
-    common = (inputs["labels"], inputs["rewards"], kw.get("group_ids"), kw["mask"], kw["cu_seqlens"],
-              kw["ref_logprobs"], kw.get("group_size"), 0.1, 0.8, "mean", -100, backend)
-    torch.library.opcheck(ops.linear_loss_op, (inputs["hidden"], inputs["weight"], inputs["bias"], *common,
-                                               True, True, True, True))
-    torch.library.opcheck(ops.linear_loss_op, (inputs["hidden"], inputs["weight"], None, *common, False, True,
-                                               False, False))
+    data = ops.Data(inputs["labels"], inputs["rewards"], kw.get("group_ids"), kw["mask"], kw["cu_seqlens"],
+                    kw["ref_logprobs"])
+    hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]
     logits = torch.randn(inputs["labels"].numel(), 64, requires_grad=True)
     for entropy in (False, True):
-        torch.library.opcheck(ops.logits_loss_op, (logits, *common, entropy))
-    _, _, _, grad_seq, _, lse, target, token_seq = ops.logits_loss_op(logits.detach(), *common, False)
-    torch.library.opcheck(ops.logits_backward_op, (logits.detach(), target, token_seq, lse, grad_seq,
-                                                   torch.tensor(1.5), 0.8, backend))
+        opts = ops.Options(group_size=kw.get("group_size"), temperature=0.8, backend=backend, entropy=entropy)
+        torch.library.opcheck(ops_linear.linear_loss_op, (hidden, weight, bias, *data, True, True, True,
+                                                          *opts.args()))
+        torch.library.opcheck(ops_linear.linear_loss_op, (hidden, weight, None, *data, False, True, False,
+                                                          *opts.args()))
+        torch.library.opcheck(ops_logits.logits_loss_op, (logits, *data, *opts.args()))
+        stats_args = (inputs["labels"], kw["mask"], kw["cu_seqlens"], *opts.args())
+        torch.library.opcheck(ops_stats.token_stats_op, (logits, *stats_args))
+        torch.library.opcheck(ops_stats.linear_stats_op, (hidden, weight, bias, *stats_args))
+    outs = ops_logits.logits_loss_op(logits.detach(), *data, *opts.args())
+    torch.library.opcheck(ops_logits.logits_backward_op, (logits.detach(), outs[6], outs[5], *outs[7:],
+                                                          torch.tensor(1.5), *opts.args()))
+    logprob, entropy, norm, target = ops_stats.token_stats_op(logits.detach(), *stats_args)
+    grads = (torch.randn(logprob.shape), torch.randn(entropy.shape))
+    torch.library.opcheck(ops_stats.token_stats_backward_op, (logits.detach(), target, norm, entropy, *grads,
+                                                              *opts.args()))
+    logprob, entropy, norm, target = ops_stats.linear_stats_op(hidden.detach(), weight.detach(), bias.detach(),
+                                                               *stats_args)
+    torch.library.opcheck(ops_stats.linear_stats_backward_op, (hidden.detach(), weight.detach(), bias.detach(),
+                                                               target, norm, entropy, *grads, True, True, True,
+                                                               *opts.args()))
+
+
+@pytest.mark.parametrize("path", ["logits", "linear"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_compile_whole(backend, path):
+    """torch.compile(fullgraph=True) of a step on token_logprobs / linear_token_logprobs (an entropy bonus and a
+    log-prob term): no graph break, and the values and every leaf's gradient equal eager's."""
+    inputs = make_inputs(Case(hidden_size=16, vocab=64, groups=(2, 2), seq_len=6, bias=True, layout="packed"), CPU)
+    kw = inputs["kwargs"]
+    leaves = [inputs[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+
+    def step(hidden, weight, bias):
+        if path == "logits":
+            lp, ent = gk.token_logprobs(hidden @ weight.T + bias, inputs["labels"], mask=kw["mask"],
+                                        cu_seqlens=kw["cu_seqlens"], temperature=0.7, return_entropy=True,
+                                        backend=backend)
+        else:
+            lp, ent = gk.linear_token_logprobs(hidden, weight, inputs["labels"], bias=bias, mask=kw["mask"],
+                                               cu_seqlens=kw["cu_seqlens"], temperature=0.7, return_entropy=True,
+                                               backend=backend)
+        return (lp * torch.linspace(0.5, 1.5, lp.numel())).sum() + 0.01 * ent.sum(), lp
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        for leaf in leaves:
+            leaf.grad = None
+        value, lp = fn(*leaves)
+        value.backward()
+        results.append((value.detach(), lp.detach(), *[leaf.grad.clone() for leaf in leaves]))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)

@@ -161,6 +161,7 @@ def test_cpu_backend_says_why_it_cannot_run(monkeypatch):
     """Where the C++ extension cannot be built (no compiler, say), backend='cpu' raises RuntimeError saying why."""
     from gvpo_kernels import cpu
 
-    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "the C++ CPU kernels (csrc/) cannot be built: no compiler")
+    monkeypatch.setattr(cpu, "unavailable_reason",
+                        lambda device=None: "the C++ CPU kernels (csrc/) cannot be built: no compiler")
     with pytest.raises(RuntimeError, match="csrc"):
         call(gk.gvpo_loss, changed(good, backend="cpu"))

@@ -88,7 +88,7 @@ def test_upstream_gradient_scales_the_logits_gradient():
         expected = run(gk.reference.gvpo_loss, inputs["logits"].detach().clone().requires_grad_(),
                        inputs["labels"], inputs["rewards"], inputs["kwargs"])[1]
         logits = inputs["logits"]
-        loss = gk.gvpo_loss(logits, inputs["labels"], inputs["rewards"], inplace_backward=inplace,
+        loss = gk.gvpo_loss(logits.clone(), inputs["labels"], inputs["rewards"], inplace_backward=inplace,
                             **inputs["kwargs"])
         (3 * loss).backward()
         torch.testing.assert_close(logits.grad, 3 * expected)
@@ -150,16 +150,19 @@ def test_garbage_logits_at_unscored_positions_do_not_leak(backend):
     torch.testing.assert_close(got[1][mask], want[1][mask])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_token_stage_writes_every_output(backend):
-    """Every element of the token stage's (N,) outputs is written, scored or not (they start as NaN here)."""
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_token_stage_writes_every_output(backend, entropy):
+    """Every element of the token stage's outputs is written, scored or not (they start as NaN here)."""
     from gvpo_kernels import layout
+    from gvpo_kernels.backend import LogitSpec
     from gvpo_kernels.functional import select_backend
 
     inputs = make_inputs(Case(groups=(2,), seq_len=9, vocab=31, mask="empty"), DEVICE)
     lay = layout.build(inputs["labels"], inputs["rewards"], vocab_size=31, **{
         k: v for k, v in inputs["kwargs"].items() if k in ("mask", "group_size", "ref_logprobs")})
-    token_logprob, lse = select_backend(backend, DEVICE).token_forward(
-        layout.as_rows(inputs["logits"].detach()), lay.target, 1.0)
-    assert torch.isfinite(token_logprob).all() and torch.isfinite(lse).all()
-    assert (token_logprob[lay.target < 0] == 0).all()
+    stats = select_backend(backend, DEVICE).token_forward(layout.as_rows(inputs["logits"].detach()), lay.target,
+                                                          LogitSpec(), entropy)
+    assert all(torch.isfinite(t).all() for t in stats if t is not None)
+    assert (stats.entropy is not None) == entropy
+    assert (stats.logprob[lay.target < 0] == 0).all() and (stats.norm[:, lay.target < 0] == 0).all()

@@ -12,8 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import gvpo_kernels as gk
-from gvpo_kernels import cpu, layout, ops, torch_impl
-from gvpo_kernels.functional import select_backend
+from gvpo_kernels import cpu, ops, torch_impl
+from gvpo_kernels.ops import linear as ops_linear
+from gvpo_kernels.ops.common import prepare
 from gvpo_kernels.triton import linear as triton_linear
 
 BASE = Case(hidden_size=64, vocab=257, seq_len=17)
@@ -73,12 +74,12 @@ def test_no_tensor_grows_with_tokens_times_vocabulary(backend, entropy, monkeypa
     largest = []
     for seq_len in (32, 128):
         inputs = make_inputs(Case(hidden_size=hidden_size, vocab=vocab, groups=(4,), seq_len=seq_len), DEVICE)
-        kwargs = {k: v for k, v in inputs["kwargs"].items() if k in ("mask", "group_size", "ref_logprobs")}
-        lay = layout.build(inputs["labels"], inputs["rewards"], vocab_size=vocab, **kwargs)
-        impl = select_backend(backend, DEVICE)
+        kwargs = inputs["kwargs"]
+        data = ops.Data(inputs["labels"], inputs["rewards"], mask=kwargs["mask"], ref_logprobs=kwargs["ref_logprobs"])
+        opts = ops.Options(group_size=kwargs["group_size"], backend=backend, entropy=entropy)
+        call = prepare(vocab, DEVICE, data, opts)
         with LargestTensor() as mode:
-            ops.linear_stages(impl, layout.as_rows(inputs["hidden"].detach()), inputs["weight"].detach(), None, lay,
-                              0.1, 1.0, needs=(True, True, False), entropy=entropy)
+            ops_linear.forward(inputs["hidden"].detach(), inputs["weight"].detach(), None, call, (True, True, False))
         largest.append(mode.largest)
         num_tokens = inputs["labels"].numel()
         assert mode.largest <= 64 * vocab * 4 < num_tokens * vocab * 4

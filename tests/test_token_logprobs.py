@@ -102,16 +102,31 @@ def test_entropy_with_minus_inf_columns(backend):
     assert rel_err(lp, lp64) < 1e-5 and rel_err(ent, ent64) < 1e-5 and rel_err(grad, grad64) < 1e-5
 
 
-def test_a_backend_without_an_entropy_kernel_says_so(monkeypatch):
-    """A backend module without the entropy kernels (a build that lacks them): "auto" computes the entropy on the
-    torch backend, a named backend raises saying so."""
-    skip_unavailable("cpu")
-    monkeypatch.delattr(cpu, "token_stats_forward")
-    logits, labels = torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="entropy"):
-        gk.token_logprobs(logits, labels, return_entropy=True, backend="cpu")
-    _, entropy = gk.token_logprobs(logits, labels, return_entropy=True, backend="auto")
-    torch.testing.assert_close(entropy, gk.reference.token_logprobs(logits, labels, return_entropy=True)[1])
+def test_every_backend_implements_the_contract():
+    """Every registered backend provides each member of gvpo_kernels.backend.Backend, with its parameters, and its
+    linear work each member of LinearWork: the contract is code, checked, not prose probed with hasattr."""
+    import inspect
+
+    from gvpo_kernels import backend as contract
+
+    members = {name: inspect.signature(fn) for name, fn in vars(contract.Backend).items()
+               if callable(fn) and not name.startswith("_")}
+    work_members = [name for name in vars(contract.LinearWork) if not name.startswith("_")]
+    assert set(members) >= {"token_forward", "token_backward", "group_stage", "linear_work", "unavailable_reason"}
+    for name in contract.names():
+        if contract.unavailable_reason(name, DEVICE) is not None:
+            continue
+        impl = contract.get(name)
+        assert impl.name == name
+        for member, signature in members.items():
+            got = inspect.signature(getattr(impl, member))
+            want = [p for p in signature.parameters if p != "self"]
+            assert list(got.parameters)[:len(want)] == want, (name, member, got)
+        work = impl.linear_work(torch.zeros(1, 2, 3, device=DEVICE), torch.zeros(5, 3, device=DEVICE), None,
+                                torch.zeros(2, dtype=torch.int64, device=DEVICE), contract.LogitSpec(),
+                                (True, True, False), False)
+        for member in work_members:
+            assert hasattr(work, member), (name, member)
 
 
 def test_log_probs_match_the_loss_statistics():

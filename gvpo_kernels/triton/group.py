@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
+from ..backend import GroupStats
 from ..layout import Layout
 from .plan import Device, Plan, check_flat, device_of, launch
 
@@ -114,7 +115,7 @@ def group_plan(token_logprob, lay: Layout, beta: float, seq_logprob, implicit_re
     )
 
 
-def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float):
+def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float) -> GroupStats:
     """token log-probs (N,) -> loss (), s (S,), r (S,), dL/ds (S,), all float32."""
     device = token_logprob.device
     seq_logprob = empty((lay.num_seqs,), dtype=torch.float32, device=device)
@@ -123,4 +124,4 @@ def group_stage(token_logprob: torch.Tensor, lay: Layout, beta: float):
     group_loss = empty((lay.num_groups,), dtype=torch.float32, device=device)
     launch(group_plan(token_logprob, lay, beta, seq_logprob, implicit_reward, grad_seq_logprob, group_loss,
                       device_of(device)))
-    return group_loss.sum(), seq_logprob, implicit_reward, grad_seq_logprob
+    return GroupStats(group_loss.sum(), seq_logprob, implicit_reward, grad_seq_logprob)

@@ -1,34 +1,29 @@
 """Triton token stage: per-token log-prob by online log-sum-exp, and its backward by recomputing the softmax.
 
 Forward, one program per token row: stream the row's V logits in BLOCK_V blocks. Each lane of the block keeps its
-own running max m and sum of exponentials (an online log-sum-exp per lane, one exp per element: exp(-|x - m|)
-either rescales the sum when x is the new max or is the term added), so no cross-warp reduction or barrier sits in
-the loop; the lanes are combined once at the end. The label's logit is picked out of the block that holds it
-during the same pass (no second read of the row). Only two floats per token leave the kernel (log-prob and
-log-sum-exp); no softmax is ever stored.
+own running max m of y (the logit, soft-capped under SOFTCAP) and sum of exp2((y - m) s log2 e) (an online
+log-sum-exp per lane, one exp per element: exp2(-|d|) either rescales the sum when y is the new max or is the term
+added), so no cross-warp reduction or barrier sits in the loop; the lanes are combined once at the end. The
+label's logit is picked out of the block that holds it during the same pass. Three floats per token leave the
+kernel: the log-prob and the row's normaliser (shift, log_sum) (gvpo_kernels/backend.py); no softmax is stored.
 
-Backward, one program per token row: recompute p = exp(x / T - lse) block by block and write
-dL/dx = c * (onehot(target) - p), where c = grad_loss * dL/ds[seq] / T is the row's coefficient. Rows with
-c == 0 (not scored, or in a group of one) are written with zeros without reading their logits.
+Backward, one program per token row: recompute log p = (y - shift) s - log_sum block by block and write
+dx = (c_lp (onehot - p) + c_ent p (-log p - H)) dy/dx from the per-token coefficients (backend.Coefs). Rows whose
+coefficients are 0 (not scored, or in a group of one) are written with zeros without reading their logits.
 
-Entropy (ENTROPY, a constexpr: off, the kernels are the log-prob-only ones), for token_logprobs(return_entropy=True):
-the forward keeps one more running sum per lane, A = sum exp2(y - m) (y - m) with y = x / T in log2 units
-(rescaled with the sum when the max grows: A <- e (A + (m - m') L)), so that H = log L - A / L after the lanes are
-merged, in the same pass as the log-sum-exp and without cancelling lse against E[z] on peaked rows. The backward
-writes c_lp (onehot - p) + c_ent p (lse - z - H) = p (a + b log p) + onehot c_lp with the row's a = -c_ent H - c_lp
-and b = -c_ent, from per-token coefficients c_lp, c_ent (already / T) instead of dL/ds. Logits of -inf (p = 0) add
-exactly 0 to A and to the gradient: every p log p term is e * max(d, -FLT_MAX) (``_xlogx_term``), never 0 * -inf.
+Entropy (ENTROPY, a constexpr: off, the kernels are the log-prob-only ones): the forward keeps one more running
+sum per lane, A = sum exp2(d) d with d = (y - m) s log2 e (rescaled with the sum when the max grows:
+A <- e (A + (m - m') L)), so that H = log L - A / L after the lanes are merged. Logits of -inf (p = 0) add exactly
+0 to A and to the gradient: every p log p term is e * max(d, -FLT_MAX) (``_xlogx_term``), never 0 * -inf.
 
 Rows are addressed through a (B', T', V) view: token n is (n // T', n % T'), so padded logits sliced along T
 (``logits[:, :-1]``) are read in place. Offsets are int64 (N x V passes 2^31 at 16k tokens x 152k vocabulary).
 Loads and stores are 16 bytes wide: the row strides are specialised (Triton keys an int only on == 1 and on
-divisibility by 16, so this adds at most a few variants and never recompiles for a new N or T), which tells the
-compiler that a row starts 16-byte aligned when V is a multiple of 8 (bf16) or 4 (fp32). T' (``seq_len``) is not
-specialised: it only divides.
+divisibility by 16, so this adds at most a few variants and never recompiles for a new N or T). T' and N are not
+specialised.
 
-Each launcher is a pure plan (:func:`forward_plan`, :func:`backward_plan`, :func:`stats_backward_plan`: shapes,
-dtypes, device -> Plan) and :func:`~.plan.launch`; tests/aot.py compiles the same plans for sm_80 / sm_90 without
-a GPU.
+Each launcher is a pure plan (:func:`forward_plan`, :func:`backward_plan`: shapes, dtypes, device -> Plan) and
+:func:`~.plan.launch`; tests/test_aot.py compiles the same plans ahead of time.
 """
 
 import torch
@@ -36,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty
-from ..layout import Layout
+from ..backend import Coefs, LogitSpec, TokenStats
 from .plan import Device, Plan, check_flat, device_of, launch
 
 MAX_WARPS = 8
@@ -47,42 +42,78 @@ FWD_VECTORS, BWD_VECTORS = 1, 2  # 16-byte vectors per thread per row block (the
 
 
 @triton.jit
-def _xlogx_term(e, d):
+def xlogx_term(e, d):
     """e * d for e = exp2(d) (or exp(d)): the term of a sum of p log p, exactly 0 where d = -inf (never 0 * -inf)."""
     return e * tl.maximum(d, -FLT_MAX)
 
 
-@triton.jit(do_not_specialize=["seq_len"])
+@triton.jit
+def tanh(x):
+    """tanh in float32 on every target (Triton has no portable tanh): the odd Taylor polynomial of degree 15 where
+    |x| < 0.5 (relative error < 1e-8), else sign(x) (1 - 2 / (exp(2 |x|) + 1))."""
+    a = tl.abs(x)
+    u = x * x
+    p = -0.00145583438705131826
+    p = p * u + 0.00359212803657248102
+    p = p * u - 0.00886323552990219656
+    p = p * u + 0.02186948853615520282
+    p = p * u - 0.05396825396825396826
+    p = p * u + 0.13333333333333333333
+    p = p * u - 0.33333333333333333333
+    small = x + x * (u * p)
+    large = 1.0 - 2.0 / (tl.exp2(a * (2.0 * LOG2E)) + 1.0)
+    return tl.where(a < 0.5, small, tl.where(x < 0.0, -large, large))
+
+
+@triton.jit
+def soft_cap(x, cap, cap_scale):
+    """y = cap tanh(x cap_scale) (gvpo_kernels.backend.LogitSpec)."""
+    return cap * tanh(x * cap_scale)
+
+
+@triton.jit
+def soft_cap_grad(y, cap, cap_scale):
+    """dy/dx at y = cap tanh(x cap_scale): cap cap_scale (1 - (y / cap)^2)."""
+    t = y / cap
+    return (cap * cap_scale) * (1.0 - t * t)
+
+
+@triton.jit(do_not_specialize=["seq_len", "num_rows"])
 def token_logprob_fwd_kernel(
     # pointers
     x_ptr,  # (B', T', V) logits, last dim contiguous
     target_ptr,  # (N,) int64, -1 for rows that are not scored, >= V for labels outside this vocabulary slice
     logprob_ptr,  # (N,) float32 out
-    lse_ptr,  # (N,) float32 out
-    entropy_ptr,  # (N,) float32 out with ENTROPY: entropy of softmax(x / T); else unused
+    norm_ptr,  # (2, N) float32 out: shift, log_sum
+    entropy_ptr,  # (N,) float32 out with ENTROPY: entropy of softmax(z); else unused
     # sizes and strides
     vocab_size,
     seq_len,
+    num_rows,
     stride_x_b,
     stride_x_t,
     # scalars
-    inv_temperature,
+    s,  # dz/dy: 1 / temperature (times the logit scale without a cap)
+    cap,
+    cap_scale,
     # meta-parameters
     BLOCK_V: tl.constexpr,
     ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(target_ptr + row)
     if target >= 0:
         b = row // seq_len
         x_row = x_ptr + b * stride_x_b + (row - b * seq_len) * stride_x_t
-        scale = inv_temperature * LOG2E  # the running state is in log2 units: exp2 needs no multiply
-        # per-lane running max of x * scale; -FLT_MAX, not -inf, so that -inf logits give exp2(-inf) = 0, never NaN
+        s2 = s * LOG2E  # the running sums are in log2 units: exp2
+        gap = 0.5 * FLT_MAX / tl.maximum(s2, 1.0)  # |y - m| clamped there: (y - m) s2 never overflows (same e)
+        # per-lane running max of y; -FLT_MAX, not -inf, so that -inf logits give exp2(-inf) = 0, never NaN
         m = tl.full([BLOCK_V], -FLT_MAX, tl.float32)
-        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2(x * scale - m)
+        acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2((y - m) s2)
         if ENTROPY:
-            acc_ent = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2(x * scale - m) * (x * scale - m), <= 0
-        label_logit = tl.zeros((), tl.float32)  # stays 0 when target >= V (the label is in another slice)
+            acc_ent = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2(d) d, d = (y - m) s2 <= 0
+        label_y = tl.zeros((), tl.float32)  # stays 0 when target >= V (the label is in another slice)
         label_col = tl.where(target < vocab_size, target, -1)
         cols = tl.arange(0, BLOCK_V)
         b_cur = tl.load(x_row + cols, mask=cols < vocab_size, other=float("-inf"))
@@ -90,60 +121,67 @@ def token_logprob_fwd_kernel(
             # the next block's load is issued before this one is used: two blocks in flight per thread
             ahead = cols + BLOCK_V
             b_ahead = tl.load(x_row + ahead, mask=ahead < vocab_size, other=float("-inf"))
-            b_x = b_cur.to(tl.float32)
-            b_xs = b_x * scale
-            d = b_xs - m
-            # exp2(-|d|) is the factor that rescales the old sum when x is the new max (d > 0), else the term to add
+            b_y = b_cur.to(tl.float32)
+            if SOFTCAP:  # the padding lanes stay -inf
+                b_y = tl.where(cols < vocab_size, soft_cap(b_y, cap, cap_scale), float("-inf"))
+            d = tl.minimum(b_y - m, gap) * s2
+            # exp2(-|d|) is the factor that rescales the old sum when y is the new max (d > 0), else the term to add
             b_e = tl.exp2(-tl.abs(d))
-            if ENTROPY:  # q = e |d|, 0 where x = -inf; the new max m' = x: A <- e (A + (m - m') L) = A e - L q
-                b_q = b_e * tl.minimum(tl.abs(d), FLT_MAX)  # (and x adds 0), else A += e d = -q
+            if ENTROPY:  # q = e |d|, 0 where y = -inf; the new max m' = y: A <- e (A + (m - m') L) = A e - L q
+                b_q = b_e * tl.minimum(tl.abs(d), FLT_MAX)  # (and y adds 0), else A += e d = -q
                 acc_ent = tl.where(d > 0, acc_ent * b_e - acc * b_q, acc_ent - b_q)
             acc = tl.where(d > 0, acc * b_e + 1.0, acc + b_e)
-            m = tl.maximum(m, b_xs)
+            m = tl.maximum(m, b_y)
             if (label_col >= start) & (label_col < start + BLOCK_V):  # once per row: the block holding the label
-                label_logit = tl.sum(tl.where(cols == label_col, b_x, 0.0), axis=0) * inv_temperature
+                label_y = tl.sum(tl.where(cols == label_col, b_y, 0.0), axis=0)
             cols = ahead
             b_cur = b_ahead
         m_row = tl.max(m, axis=0)
-        lane_scale = tl.exp2(m - m_row)
+        lane_d = tl.maximum(m - m_row, -gap) * s2
+        lane_scale = tl.exp2(lane_d)
         sum_exp = tl.sum(acc * lane_scale, axis=0)
-        lse = (m_row + tl.log2(sum_exp)) * LN2
-        tl.store(logprob_ptr + row, label_logit - lse)
-        tl.store(lse_ptr + row, lse)
+        log_sum = tl.log2(sum_exp) * LN2
+        shift = tl.where(sum_exp > 0, m_row, 0.0)  # 0 for a row of -inf logits (gvpo_kernels/backend.py)
+        tl.store(logprob_ptr + row, (label_y - shift) * s - log_sum)
+        tl.store(norm_ptr + row, shift)
+        tl.store(norm_ptr + num_rows + row, log_sum)
         if ENTROPY:  # lanes merged at m_row; H = log L - A / L, back from log2 to natural units
-            lane_ent = lane_scale * acc_ent + _xlogx_term(lane_scale, m - m_row) * acc
+            lane_ent = lane_scale * acc_ent + xlogx_term(lane_scale, lane_d) * acc
             tl.store(entropy_ptr + row, (tl.log2(sum_exp) - tl.sum(lane_ent, axis=0) / sum_exp) * LN2)
     else:
         tl.store(logprob_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(norm_ptr + row, 0.0)
+        tl.store(norm_ptr + num_rows + row, 0.0)
         if ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
 
 
-@triton.jit(do_not_specialize=["seq_len"])
+@triton.jit(do_not_specialize=["seq_len", "num_rows"])
 def token_logprob_bwd_kernel(
     # pointers
     x_ptr,  # (B', T', V) logits
     target_ptr,  # (N,) int64, -1 for rows that are not scored
-    token_seq_ptr,  # (N,) int64 sequence of each token; unused with ENTROPY
-    lse_ptr,  # (N,) float32 from the forward
-    grad_seq_ptr,  # (S,) float32 dL/ds; with ENTROPY (N,) float32 c_lp per token (already / T)
-    grad_loss_ptr,  # () float32 upstream gradient of the loss; unused with ENTROPY
+    norm_ptr,  # (2, N) float32 from the forward
+    coef_ptr,  # (N,) float32 c_lp
     entropy_ptr,  # with ENTROPY: (N,) float32 H from the forward; else unused
-    coef_ent_ptr,  # with ENTROPY: (N,) float32 c_ent per token (already / T); else unused
+    coef_ent_ptr,  # with ENTROPY: (N,) float32 c_ent; else unused
     dx_ptr,  # (B', T', V) out, may alias x_ptr
     # sizes and strides
     vocab_size,
     seq_len,
+    num_rows,
     stride_x_b,
     stride_x_t,
     stride_dx_b,
     stride_dx_t,
     # scalars
-    inv_temperature,
+    s,
+    cap,
+    cap_scale,
     # meta-parameters
     BLOCK_V: tl.constexpr,
     ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
@@ -151,32 +189,35 @@ def token_logprob_bwd_kernel(
     x_row = x_ptr + b * stride_x_b + t * stride_x_t
     dx_row = dx_ptr + b * stride_dx_b + t * stride_dx_t
     target = tl.load(target_ptr + row)
-    if ENTROPY:  # d(c_lp logprob + c_ent H)/dz = c_lp (onehot - p) + c_ent p (lse - z - H) = p (a + b log p) + ...
-        coef = tl.where(target >= 0, tl.load(grad_seq_ptr + row), 0.0)
+    coef = tl.where(target >= 0, tl.load(coef_ptr + row), 0.0)
+    if ENTROPY:  # c_lp (onehot - p) + c_ent p (-log p - H) = onehot c_lp + p (a + b log2 p)
         coef_ent = tl.where(target >= 0, tl.load(coef_ent_ptr + row), 0.0)
         active = (coef != 0.0) | (coef_ent != 0.0)
-        ent_a = -coef_ent * tl.load(entropy_ptr + row) - coef  # ... + onehot c_lp, with log p in log2 units
+        ent_a = -coef_ent * tl.load(entropy_ptr + row) - coef
         ent_b = -coef_ent * LN2
     else:
-        coef = tl.load(grad_seq_ptr + tl.load(token_seq_ptr + row)) * tl.load(grad_loss_ptr) * inv_temperature
-        coef = tl.where(target >= 0, coef, 0.0)
         active = coef != 0.0
     if active:
-        scale = inv_temperature * LOG2E
-        shift = tl.load(lse_ptr + row) * LOG2E  # p = exp2(x * scale - shift): one fma and one exp2 per logit
+        s2 = s * LOG2E
+        shift = tl.load(norm_ptr + row)
+        log_sum2 = tl.load(norm_ptr + num_rows + row) * LOG2E
         offs = tl.arange(0, BLOCK_V)
         for start in range(0, vocab_size, BLOCK_V):
             cols = start + offs
             in_row = cols < vocab_size
-            b_x = tl.load(x_row + cols, mask=in_row, other=0.0).to(tl.float32)
-            b_log2p = b_x * scale - shift
+            b_y = tl.load(x_row + cols, mask=in_row, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                b_y = soft_cap(b_y, cap, cap_scale)
+            b_log2p = (b_y - shift) * s2 - log_sum2
             b_p = tl.exp2(b_log2p)
-            # c * (onehot - p); the label's lane is found by an int32 compare against the block's offsets
+            # the label's lane is found by an int32 compare against the block's offsets
             onehot = tl.where(offs == (target - start).to(tl.int32), coef, 0.0)
             if ENTROPY:
-                b_dx = onehot + b_p * ent_a + _xlogx_term(b_p, b_log2p) * ent_b
+                b_dx = onehot + b_p * ent_a + xlogx_term(b_p, b_log2p) * ent_b
             else:
                 b_dx = onehot - coef * b_p
+            if SOFTCAP:
+                b_dx = b_dx * soft_cap_grad(b_y, cap, cap_scale)
             tl.store(dx_row + cols, b_dx.to(dx_ptr.dtype.element_ty), mask=in_row)
     else:
         for start in range(0, vocab_size, BLOCK_V):
@@ -208,125 +249,93 @@ def _dtype_name(dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def forward_plan(rows, target, token_logprob, lse, temperature: float, device: Device, token_entropy=None) -> Plan:
-    """The forward launch: rows (B', T', V) logits, target (N,) int64; writes token_logprob and lse, (N,) float32,
-    and, when given, token_entropy (N,) float32 (the ENTROPY variant).
+def _spec_args(spec: LogitSpec) -> tuple:
+    return spec.s, spec.cap, spec.cap_scale
+
+
+def forward_plan(rows, target, out: TokenStats, spec: LogitSpec, device: Device) -> Plan:
+    """The forward launch: rows (B', T', V) logits, target (N,) int64; writes out.logprob (N,), out.norm (2, N) and,
+    when not None, out.entropy (N,), float32 (the ENTROPY variant).
 
     Reads shapes, strides and dtypes only (works on meta tensors); ``device`` is unused (the choice depends on V
     and the dtype alone) but part of every plan's signature."""
     _check_rows("rows", rows)
     num_b, seq_len, vocab_size = rows.shape
+    num_rows = target.numel()
     check_flat("target", target, torch.int64)
-    outs = (("token_logprob", token_logprob), ("lse", lse)) + ((("token_entropy", token_entropy),)
-                                                              if token_entropy is not None else ())
-    for name, out in outs:
-        check_flat(name, out, torch.float32)
-    if target.numel() != num_b * seq_len or any(out.numel() != target.numel() for _, out in outs):
-        raise ValueError(f"target, {', '.join(name for name, _ in outs)} must hold one element per row "
-                         f"({num_b * seq_len})")
-    entropy = token_entropy is not None
+    _check_per_token(num_b * seq_len, target=target, logprob=out.logprob, entropy=out.entropy)
+    _check_norm(out.norm, num_rows)
+    entropy = out.entropy is not None
     return Plan(
-        token_logprob_fwd_kernel, (target.numel(),),
-        (rows, target, token_logprob, lse, token_entropy if entropy else lse, vocab_size, seq_len, rows.stride(0),
-         rows.stride(1), 1.0 / temperature),
-        dict(block_params(vocab_size, rows.element_size(), FWD_VECTORS), ENTROPY=entropy),
-        label=f"token_fwd{'_entropy' if entropy else ''} V={vocab_size} {_dtype_name(rows.dtype)}",
+        token_logprob_fwd_kernel, (num_rows,),
+        (rows, target, out.logprob, out.norm, out.entropy if entropy else out.logprob, vocab_size, seq_len, num_rows,
+         rows.stride(0), rows.stride(1), *_spec_args(spec)),
+        dict(block_params(vocab_size, rows.element_size(), FWD_VECTORS), ENTROPY=entropy,
+             SOFTCAP=spec.softcap is not None),
+        label=f"token_fwd{_variant(entropy, spec)} V={vocab_size} {_dtype_name(rows.dtype)}",
     )
 
 
-def _check_out(rows, out) -> None:
+def backward_plan(rows, target, norm, coefs: Coefs, spec: LogitSpec, out, device: Device) -> Plan:
+    """The backward launch: rows (B', T', V) logits, target (N,) int64, norm (2, N) float32 from the forward,
+    coefs (backend.Coefs, (N,) float32 each); writes dx into out (B', T', V), rows' shape (it may be rows itself).
+    Reads shapes, strides and dtypes only."""
     _check_rows("rows", rows)
     _check_rows("out", out)
     if tuple(out.shape) != tuple(rows.shape):
         raise ValueError(f"out must have the shape of rows {tuple(rows.shape)}, got {tuple(out.shape)}")
-
-
-def _backward_launch(rows, target, per_token, temperature: float, out, entropy: bool) -> Plan:
-    """The backward kernel's launch; per_token: its token_seq, lse, grad_seq, grad_loss, entropy, coef_ent
-    pointers, in that order (those a variant does not read are any tensor)."""
     num_b, seq_len, vocab_size = rows.shape
+    num_rows = target.numel()
+    check_flat("target", target, torch.int64)
+    entropy = coefs.entropy is not None
+    _check_per_token(num_b * seq_len, target=target, coef_logprob=coefs.logprob, coef_entropy=coefs.entropy,
+                     token_entropy=coefs.token_entropy if entropy else None)
+    _check_norm(norm, num_rows)
+    per_token = (coefs.token_entropy, coefs.entropy) if entropy else (coefs.logprob, coefs.logprob)
     return Plan(
-        token_logprob_bwd_kernel, (target.numel(),),
-        (rows, target, *per_token, out, vocab_size, seq_len, rows.stride(0), rows.stride(1), out.stride(0),
-         out.stride(1), 1.0 / temperature),
-        dict(block_params(vocab_size, rows.element_size(), BWD_VECTORS), ENTROPY=entropy),
-        label=f"token_bwd{'_entropy' if entropy else ''} V={vocab_size} {_dtype_name(rows.dtype)}",
+        token_logprob_bwd_kernel, (num_rows,),
+        (rows, target, norm, coefs.logprob, *per_token, out, vocab_size, seq_len, num_rows, rows.stride(0),
+         rows.stride(1), out.stride(0), out.stride(1), *_spec_args(spec)),
+        dict(block_params(vocab_size, rows.element_size(), BWD_VECTORS), ENTROPY=entropy,
+             SOFTCAP=spec.softcap is not None),
+        label=f"token_bwd{_variant(entropy, spec)} V={vocab_size} {_dtype_name(rows.dtype)}",
     )
 
 
-def backward_plan(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float, out,
-                  device: Device) -> Plan:
-    """The backward launch: rows (B', T', V) logits, lay.target / lay.token_seq (N,) int64, lse (N,) float32,
-    grad_seq_logprob (S,) float32, grad_loss () float32; writes dL/dlogits into out (B', T', V), rows' shape (it
-    may be rows itself). Reads shapes, strides and dtypes only."""
-    _check_out(rows, out)
-    check_flat("target", lay.target, torch.int64)
-    check_flat("token_seq", lay.token_seq, torch.int64)
-    check_flat("lse", lse, torch.float32)
-    check_flat("grad_seq_logprob", grad_seq_logprob, torch.float32)
-    check_flat("grad_loss", grad_loss, torch.float32)
-    if grad_loss.numel() != 1:
-        raise ValueError(f"grad_loss must hold one element, got shape {tuple(grad_loss.shape)}")
-    return _backward_launch(rows, lay.target, (lay.token_seq, lse, grad_seq_logprob, grad_loss, lse, lse),
-                            temperature, out, entropy=False)
+def _variant(entropy: bool, spec: LogitSpec) -> str:
+    return ("_entropy" if entropy else "") + ("_softcap" if spec.softcap is not None else "")
 
 
-def stats_backward_plan(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature: float, out,
-                        device: Device) -> Plan:
-    """The token statistics' backward (the ENTROPY variant): rows (B', T', V) logits, target (N,) int64, lse and
-    token_entropy (N,) float32 from the forward, coef_logprob / coef_entropy (N,) float32 (already / T); writes
-    d(sum c_lp logprob + c_ent entropy)/dlogits into out (B', T', V), rows' shape. Reads shapes, strides and dtypes
-    only."""
-    _check_out(rows, out)
-    check_flat("target", target, torch.int64)
-    per_token = (("lse", lse), ("token_entropy", token_entropy), ("coef_logprob", coef_logprob),
-                 ("coef_entropy", coef_entropy))
-    for name, tensor in per_token:
-        check_flat(name, tensor, torch.float32)
-    if target.numel() != rows.shape[0] * rows.shape[1] or any(t.numel() != target.numel() for _, t in per_token):
-        raise ValueError(f"target, lse, token_entropy, coef_logprob and coef_entropy must hold one element per row "
-                         f"({rows.shape[0] * rows.shape[1]})")
-    return _backward_launch(rows, target, (target, lse, coef_logprob, lse, token_entropy, coef_entropy),
-                            temperature, out, entropy=True)
+def _check_per_token(num_rows: int, **tensors) -> None:
+    """Each given tensor a contiguous (N,) one (int64 target, float32 the others) of one element per row."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        check_flat(name, tensor, torch.int64 if name == "target" else torch.float32)
+        if tensor.numel() != num_rows:
+            raise ValueError(f"{name} must hold one element per row ({num_rows}), got {tensor.numel()}")
+
+
+def _check_norm(norm, num_rows: int) -> None:
+    if norm.dtype != torch.float32 or tuple(norm.shape) != (2, num_rows) or not norm.is_contiguous():
+        raise ValueError(f"norm must be a contiguous (2, {num_rows}) float32 tensor, got {norm.dtype} "
+                         f"{tuple(norm.shape)} with strides {norm.stride()}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launchers
+# launchers (backend.Backend)
 
 
-def _per_token_outputs(target, device, count: int):
-    return [empty(target.shape, dtype=torch.float32, device=device) for _ in range(count)]
+def token_forward(rows: torch.Tensor, target: torch.Tensor, spec: LogitSpec, entropy: bool) -> TokenStats:
+    """rows (B', T', V) logits, target (N,) int64 (-1: not scored) -> TokenStats, one pass over each row."""
+    f32 = dict(dtype=torch.float32, device=rows.device)
+    out = TokenStats(empty(target.shape, **f32), empty((2, target.numel()), **f32),
+                     empty(target.shape, **f32) if entropy else None)
+    launch(forward_plan(rows, target, out, spec, device_of(rows.device)))
+    return out
 
 
-def token_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
-    """rows (B', T', V), target (N,) -> token log-prob (N,) float32 (0 where target < 0), lse (N,) float32."""
-    token_logprob, lse = _per_token_outputs(target, rows.device, 2)
-    launch(forward_plan(rows, target, token_logprob, lse, temperature, device_of(rows.device)))
-    return token_logprob, lse
-
-
-def token_backward(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperature: float, out):
-    """Write grad_loss * dL/ds[seq(n)] / T * (onehot - softmax(rows[n] / T)) into out (B', T', V)."""
-    grad_loss = grad_loss.float().contiguous()
-    launch(backward_plan(rows, lay, lse, grad_seq_logprob, grad_loss, temperature, out, device_of(rows.device)))
-
-
-def token_stats_forward(rows: torch.Tensor, target: torch.Tensor, temperature: float):
-    """rows (B', T', V) logits (any float dtype), target (N,) int64 (-1: not scored) -> token_logprob, lse,
-    token_entropy, each (N,) float32: log softmax(rows[n] / T)[target], its log-sum-exp and the entropy of
-    softmax(rows[n] / T), all from one pass over the row; token_logprob and token_entropy are 0 where not scored.
-
-    >>> lp, lse, ent = token_stats_forward(logits.view(1, n, v), target, 1.0)   # doctest: +SKIP
-    """
-    token_logprob, lse, token_entropy = _per_token_outputs(target, rows.device, 3)
-    launch(forward_plan(rows, target, token_logprob, lse, temperature, device_of(rows.device), token_entropy))
-    return token_logprob, lse, token_entropy
-
-
-def token_stats_backward(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature: float, out):
-    """Write out[n, v] = c_lp[n] (onehot - p_v) + c_ent[n] p_v (lse_n - z_v - H_n) into out (B', T', V), rows'
-    shape and dtype, with z = rows / T, p = softmax(z); coef_logprob, coef_entropy (N,) float32, already / T and 0
-    where target < 0 (rows not scored get zeros, their logits unread); lse, token_entropy (N,) float32 from
-    :func:`token_stats_forward`."""
-    launch(stats_backward_plan(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature, out,
-                               device_of(rows.device)))
+def token_backward(rows, target, norm, coefs: Coefs, spec: LogitSpec, out) -> None:
+    """Write dx (backend.Coefs) into out (B', T', V), rows' shape; rows whose coefficients are 0 get zeros, their
+    logits unread."""
+    launch(backward_plan(rows, target, norm, coefs, spec, out, device_of(rows.device)))
