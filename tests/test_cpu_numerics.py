@@ -10,6 +10,7 @@ from cases import SLACK, Case, assert_within_pytorch_error, check_against_oracle
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu, layout
+from gvpo_kernels.backend import LogitSpec
 
 CPU = torch.device("cpu")
 NEG_INF = float("-inf")
@@ -241,51 +242,14 @@ def test_logits_path_is_bitwise_the_same_at_every_thread_count(threads):
     assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1]) for r in results)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# nothing to score
-
-
-def token_layout(labels, mask, num_seqs):
-    return layout.build(labels, torch.randn(num_seqs), vocab_size=11, group_size=2, mask=mask,
-                        cu_seqlens=torch.tensor([0] + [labels.numel() // num_seqs] * num_seqs).cumsum(0))
-
-
-@pytest.mark.parametrize("num_tokens", [0, 12])
-def test_nothing_scored_gives_zeros(num_tokens):
-    """N = 0 tokens, or N tokens none of which is scored: the backend's functions return zeros (token log-probs,
-    lse, and every gradient, written over NaN), without error."""
-    hidden_size, vocab = 5, 11
-    labels = torch.randint(0, vocab, (num_tokens,))
-    lay = token_layout(labels, torch.zeros(num_tokens, dtype=torch.bool), 2)
-    assert (lay.target < 0).all()
-    rows = torch.randn(1, num_tokens, vocab)
-    token_logprob, lse = cpu.token_forward(rows, lay.target, 1.0)
-    assert token_logprob.shape == lse.shape == (num_tokens,) and (token_logprob == 0).all() and (lse == 0).all()
-    out = torch.full_like(rows, float("nan"))
-    grad_seq = torch.randn(2)
-    cpu.token_backward(rows, lay, lse, grad_seq, torch.ones(()), 1.0, out)
-    assert (out == 0).all()
-
-    hidden, weight, bias = torch.randn(1, num_tokens, hidden_size), torch.randn(vocab, hidden_size), torch.randn(vocab)
-    loss, s, r, _, d_hidden, d_weight, d_bias = cpu.linear_loss_and_grads(hidden, weight, bias, lay, 0.1, 1.0,
-                                                                         (True, True, True))
-    assert (s == 0).all() and (r == 0).all() and torch.isfinite(loss)
-    assert d_hidden.shape == hidden.shape and d_weight.shape == weight.shape and d_bias.shape == bias.shape
-    assert (d_hidden == 0).all() and (d_weight == 0).all() and (d_bias == 0).all()
-    token_logprob, lse = cpu.linear_forward(hidden, weight, bias, lay.target, 1.0)
-    assert (token_logprob == 0).all() and (lse == 0).all()
-    d_hidden, d_weight, d_bias = cpu.linear_backward(hidden, weight, bias, lay, lse, grad_seq, torch.ones(()), 1.0)
-    assert (d_hidden == 0).all() and (d_weight == 0).all() and (d_bias == 0).all()
-
-
 def test_low_precision_weight_blocks_are_bounded():
     """The kernels copy a bfloat16 / float16 block of weight rows to float32 per thread: at most
     WEIGHT_BLOCK_BYTES (a wide hidden size with few tokens per chunk would otherwise make it tens of MB)."""
     hidden_size, vocab = 4096, 64
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         work = cpu._LinearWork(torch.zeros(1, 3, hidden_size, dtype=dtype), torch.zeros(vocab, hidden_size,
-                               dtype=dtype), None, torch.zeros(3, dtype=torch.int64), 1.0)
-        rows = work.block_rows(next(work.chunks(keep=True)))
+                               dtype=dtype), None, torch.zeros(3, dtype=torch.int64), LogitSpec(), (True,) * 3, False)
+        rows = work._block_rows(3)
         if dtype == torch.float32:  # no copy: the block of logits alone sets it
             assert rows == cpu.BLOCK_BYTES // (4 * 3)
         else:
