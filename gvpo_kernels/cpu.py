@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import torch_impl
+from . import layout, torch_impl
 from ._alloc import empty
 from .backend import Coefs, Grads, LogitSpec, TokenStats
 
@@ -207,7 +207,7 @@ class _LinearWork:
     def __init__(self, rows, weight, bias, target, spec: LogitSpec, needs, entropy: bool):
         self.rows_shape, self.bias, self.target, self.spec, self.entropy = rows.shape, bias, target, spec, entropy
         self.weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        self.flat_hidden = rows.reshape(-1, rows.shape[-1])  # a view, except for hidden that is not (copy, N x H)
+        self.flat_hidden = layout.flat_rows(rows)  # a view, except for hidden that is not (copy, N x H)
         self.scored = (target >= 0).nonzero().squeeze(1)
         self._buffer, self._kept = None, None
         device, dtype, (vocab, hidden_size) = rows.device, rows.dtype, weight.shape
@@ -227,7 +227,7 @@ class _LinearWork:
         vocab, hidden_size = self.weight.shape
         if keep:  # the chunk's logits are kept whole
             return max(1, CHUNK_BYTES // (self.logits_dtype().itemsize * vocab))
-        return max(64, CHUNK_HIDDEN_BYTES // (4 * hidden_size))  # bounded by the per-thread d_hidden accumulators
+        return max(64, CHUNK_HIDDEN_BYTES // (4 * max(hidden_size, 1)))  # bounds the per-thread d_hidden sums
 
     def _rows(self, tokens):
         """The chunk's hidden rows (r, H) contiguous, and a slice of tokens where they are one contiguous run
@@ -248,7 +248,7 @@ class _LinearWork:
     def _block_rows(self, num_tokens: int) -> int:
         rows = BLOCK_BYTES // (4 * max(num_tokens, 1))
         if self.weight.dtype in (torch.bfloat16, torch.float16):  # bounds the kernels' float32 copy of the block
-            rows = min(rows, WEIGHT_BLOCK_BYTES // (4 * self.weight.shape[1]))
+            rows = min(rows, WEIGHT_BLOCK_BYTES // (4 * max(self.weight.shape[1], 1)))
         return max(16, rows)
 
     def forward(self, tokens, keep: bool) -> TokenStats:

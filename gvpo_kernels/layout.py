@@ -93,6 +93,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def flat_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The (N, D) view of (B', T', D) rows (a copy only where the strides do not allow a view); D may be 0."""
+    return rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[-1])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # argument checks
 

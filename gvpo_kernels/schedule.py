@@ -58,7 +58,7 @@ def forward(work: LinearWork, num_tokens: int, entropy: bool) -> TokenStats:
 def backward(work: LinearWork, norm: Tensor, coefs: Coefs) -> Grads:
     """The gradients from the forward's norm (2, N) and every token's coefficients, the logits computed again."""
     for tokens in _chunks(work, work.scored, keep=False):
-        work.backward(tokens, norm[:, tokens], _take(coefs, tokens), kept=False)
+        work.backward(tokens, norm[:, tokens], _take(coefs, tokens), False)
     return work.grads()
 
 
@@ -110,6 +110,6 @@ def loss_and_grads(work: LinearWork, lay: Layout, stage: Stage, needs, entropy: 
         chunk_coefs = _take(coefs if lay.token_ref is None else stage(stats)[2], tokens)
         if chunk_coefs.entropy is not None:
             chunk_coefs = chunk_coefs._replace(token_entropy=part.entropy)
-        work.backward(tokens, part.norm, chunk_coefs, kept=True)
+        work.backward(tokens, part.norm, chunk_coefs, True)
     stats, group, _ = stage(stats)
     return group, stats, work.grads()

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._alloc import empty
 from .backend import Coefs, Grads, GroupStats, LogitSpec, TokenStats
+from . import layout
 from .layout import Layout
 
 name = "torch"
@@ -171,7 +172,7 @@ class _LinearWork:
     def __init__(self, rows, weight, bias, target, spec: LogitSpec, needs, entropy: bool):
         self.rows_shape, self.target, self.spec, self.entropy = rows.shape, target, spec, entropy
         self.weight_dtype = weight.dtype
-        self.flat_hidden = rows.reshape(-1, rows.shape[-1])
+        self.flat_hidden = layout.flat_rows(rows)
         self.weight32, self.bias32 = weight.float(), None if bias is None else bias.float()
         self.scored = (target >= 0).nonzero().squeeze(1)
         f32 = dict(dtype=torch.float32, device=rows.device)

@@ -36,6 +36,7 @@ class Case:
     inplace: bool = False
     hidden_size: int = 0  # > 0: the linear path, hidden (..., H) and weight (V, H) instead of logits
     bias: bool = False  # linear path: with an LM-head bias
+    scale: float = 2.0  # of the random logits (hidden states); above 2, confident rows: one clear winner per row
     seed: int = 0
 
     def replace(self, **changes) -> "Case":
@@ -71,12 +72,23 @@ ONE_FACTOR_CHANGES = [
     dict(dtype=torch.float64),
     dict(ignore=True),
     dict(sliced=True),
+    # confident rows at small temperatures: p formed from each row's (shift, log_sum), never from one float32 lse
+    dict(scale=30.0, temperature=1e-3),
+    dict(scale=10.0, temperature=1e-2),
+    dict(scale=30.0, temperature=0.1),
+    dict(scale=30.0, temperature=0.3),
+    dict(scale=30.0, dtype=torch.bfloat16, temperature=0.3),
 ]
 
 
 def one_factor(base: Case, *changes: dict) -> list[Case]:
     """``base``, then ``base`` with each change of ONE_FACTOR_CHANGES and of ``changes`` applied alone."""
     return [base] + [base.replace(**change) for change in (*ONE_FACTOR_CHANGES, *changes)]
+
+
+def confident(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each row's largest logit raised by scale / 3: one clear winner per row, as a trained policy gives."""
+    return logits.scatter_add(-1, logits.argmax(-1, keepdim=True), torch.full(logits.shape[:-1] + (1,), scale / 3))
 
 
 def make_inputs(case: Case, device) -> dict:
@@ -111,10 +123,15 @@ def make_inputs(case: Case, device) -> dict:
 
     width = case.hidden_size or vocab
     if case.layout == "padded" and case.sliced:
-        full = 2.0 * torch.randn(num_seqs, case.seq_len + 1, width, generator=gen)
+        full = case.scale * torch.randn(num_seqs, case.seq_len + 1, width, generator=gen)
+        if case.scale > 2.0 and not case.hidden_size:
+            full = confident(full, case.scale)
         logits = full.to(case.dtype)[:, :-1]
     else:
-        logits = (2.0 * torch.randn(*shape, width, generator=gen)).to(case.dtype)
+        logits = case.scale * torch.randn(*shape, width, generator=gen)
+        if case.scale > 2.0 and not case.hidden_size:
+            logits = confident(logits, case.scale)
+        logits = logits.to(case.dtype)
 
     rewards = torch.randn(num_seqs, generator=gen)
     rewards[: case.groups[0]] = 1.0  # one group whose rewards are all equal

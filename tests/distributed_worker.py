@@ -56,6 +56,23 @@ def problem(seed: int, num_seqs: int = 9, seq_len: int = 5, vocab: int = 37, hid
     )
 
 
+def masked_slice(full: dict, lo: int, hi: int) -> dict:
+    """``full`` with the vocabulary columns [lo, hi) at -inf: the logits at every other position (per-position
+    masking, as constrained decoding does), the bias everywhere; every label moved outside [lo, hi)."""
+    masked = dict(full)
+    logits = full["logits"].clone()
+    logits[0::2, :, lo:hi] = float("-inf")
+    logits[1::2, 0::2, lo:hi] = float("-inf")
+    masked["logits"] = logits
+    bias = full["bias"].clone()
+    bias[lo:hi] = float("-inf")
+    masked["bias"] = bias
+    vocab = logits.shape[-1]
+    labels = full["labels"]
+    masked["labels"] = torch.where((labels >= lo) & (labels < hi), hi + labels % (vocab - hi), labels)
+    return masked
+
+
 def rel_err(got, want) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30)).item()
 
@@ -128,6 +145,11 @@ def run_splits(rank: int, world: int, init_file: str, backend: str) -> None:
             check(path, backend, full, split[rank], (0, 37), everyone, None, "mean", anchor=False)
             for vocab in (even_vocab, uneven_vocab):
                 check(path, backend, full, torch.arange(9), vocab[rank], None, everyone, "mean")
+            # rank 0's whole slice masked (-inf) at every other position (the linear path: through its bias, at
+            # every position), the labels elsewhere: that slice adds nothing, no inf - inf, no 0 * inf
+            vocab = uneven_vocab if world == 2 else even_vocab
+            check(path, backend, masked_slice(full, *vocab[0]), torch.arange(9), vocab[rank], None, everyone,
+                  "mean")
     else:  # world 4: data-parallel pairs {0, 1}, {2, 3}; vocabulary pairs {0, 2}, {1, 3}
         dp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         tp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]

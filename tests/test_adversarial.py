@@ -387,3 +387,72 @@ def test_first_eager_call_imports_no_compile_machinery():
         assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_paths_with_a_hidden_size_of_zero(backend, dtype):
+    """H = 0: the logits are the bias alone; the loss, the token statistics and every gradient are the
+    reference's (hidden and weight get empty gradients), no reshape error."""
+    skip_unavailable(backend)
+    gen = torch.Generator().manual_seed(3)
+    labels, rewards = torch.randint(0, 5, (2, 3), generator=gen).to(DEVICE), torch.randn(2, generator=gen).to(DEVICE)
+    ref = torch.randn(2, 3, generator=gen).to(DEVICE)
+    bias = torch.randn(5, generator=gen).to(DEVICE, dtype)
+    results = []
+    for fn, kw in ((gk.reference, {}), (gk, dict(backend=backend))):
+        h = torch.zeros(2, 3, 0, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = torch.zeros(5, 0, device=DEVICE, dtype=dtype, requires_grad=True)
+        b = bias.clone().requires_grad_()
+        loss = fn.linear_gvpo_loss(h, w, labels, rewards, bias=b, group_size=2, ref_logprobs=ref, **kw)
+        lp, ent = fn.linear_token_logprobs(h, w, labels, bias=b, return_entropy=True, **kw)
+        (loss + lp.sum() + ent.sum()).backward()
+        assert h.grad.shape == h.shape and w.grad.shape == w.shape
+        results.append((loss.detach(), lp.detach(), ent.detach(), b.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_cu_seqlens(backend):
+    """cu_seqlens as a strided view (every other entry of a longer tensor): read with its strides on every backend,
+    the same result as its contiguous copy."""
+    skip_unavailable(backend)
+    inputs = make_inputs(Case(layout="packed", groups=(2, 2), seq_len=7, vocab=33), DEVICE)
+    cu = inputs["kwargs"]["cu_seqlens"]
+    strided = torch.stack([cu, torch.zeros_like(cu)], dim=1)[:, 0]
+    assert strided.stride(0) == 2
+    results = []
+    for offsets in (strided, cu.contiguous()):
+        logits = inputs["logits"].detach().clone().requires_grad_()
+        kwargs = dict(inputs["kwargs"], cu_seqlens=offsets)
+        loss = gk.gvpo_loss(logits, inputs["labels"], inputs["rewards"], backend=backend, **kwargs)
+        lp = gk.token_logprobs(logits, inputs["labels"], mask=kwargs["mask"], cu_seqlens=offsets, backend=backend)
+        (loss + lp.sum()).backward()
+        results.append((loss.detach(), lp.detach(), logits.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_functorch_transforms_are_refused_plainly(transform):
+    """torch.func cannot see through the fused kernels: a plain error that says so, not PyTorch's "must override
+    setup_context"; the reference works under torch.func."""
+    inputs = logits_inputs()
+    labels, rewards, kwargs = inputs["labels"], inputs["rewards"], inputs["kwargs"]
+    logits = inputs["logits"].detach()
+
+    def loss_of(fn):
+        return lambda x: fn(x, labels, rewards, **kwargs)
+
+    apply = (lambda f: torch.func.grad(f)(logits)) if transform == "grad" else \
+        (lambda f: torch.func.vmap(f)(logits[None].expand(2, *logits.shape)))
+    with pytest.raises(RuntimeError, match="do not support functorch transforms"):
+        apply(loss_of(gk.gvpo_loss))
+    with pytest.raises(RuntimeError, match="do not support functorch transforms"):
+        apply(lambda x: gk.token_logprobs(x, labels).sum())
+    if transform == "grad":  # the reference under torch.func, our loss under autograd: one gradient
+        leaf = logits.clone().requires_grad_()
+        (want,) = torch.autograd.grad(loss_of(gk.gvpo_loss)(leaf), leaf)
+        torch.testing.assert_close(apply(loss_of(gk.reference.gvpo_loss)), want, rtol=1e-5, atol=1e-6)

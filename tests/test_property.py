@@ -3,7 +3,8 @@
 Each draw picks a path (logits or linear), a layout (padded, sliced along T, packed), a group structure (sizes 1..8,
 consecutive or arbitrary ids in any order), a vocabulary (1 to 300), a dtype, a mask, ignore_index labels, an
 anchor or none, a temperature, beta and reduction, -inf logits (or -inf bias entries) at columns no scored label
-uses, and a view for every tensor the kernels read: contiguous, strided, transposed or stride-0 (expanded).
+uses, confident rows (logits up to ~30 with a clear winner) at temperatures down to 1e-3, and a view for every
+tensor the kernels read: contiguous, strided, transposed or stride-0 (expanded).
 The loss, every gradient and the per-sequence stats must be as close to the float64 oracle as the reference at
 the input dtype is, plus the dtype's slack (DESIGN.md section 4). The draws are fixed by their seeds, so a failure
 is reproduced by its test id.
@@ -92,8 +93,13 @@ def draw(seed: int) -> dict:
         banned = torch.rand(vocab, generator=gen) < 0.5
         banned[labels[scored].unique()] = False
 
-    x = 2.0 * torch.randn(*shape, width, generator=gen)
+    # confident rows at small temperatures for half the draws (their own random stream: the other choices stay)
+    extreme = random.Random(seed + 1_000_003)
+    scale = extreme.choice([2.0, 2.0, 10.0, 30.0])
+    x = scale * torch.randn(*shape, width, generator=gen)
     if path == "logits":
+        if scale > 2.0:  # one clear winner per row
+            x = x.scatter_add(-1, x.argmax(-1, keepdim=True), torch.full(x.shape[:-1] + (1,), scale / 3))
         x = x.masked_fill(banned, float("-inf"))
     x = x.to(dtype)
     if layout == "sliced":  # x[:, :-1] of a longer tensor: rows not viewable as 2-D
@@ -131,6 +137,8 @@ def draw(seed: int) -> dict:
         kwargs["ref_logprobs"] = view(ref, rng.choice(["contiguous", "strided"]))
     if layout == "packed":
         kwargs["cu_seqlens"] = torch.tensor([0] + lengths).cumsum(0)
+    if scale > 2.0:
+        kwargs["temperature"] = extreme.choice([1e-3, 1e-2, 0.1, 0.3, 1.0])
 
     inputs = dict(path=path, dtype=dtype, labels=labels, rewards=rewards, kwargs=kwargs, x=x)
     if path == "linear":

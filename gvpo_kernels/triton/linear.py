@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import layout
 from .._alloc import empty
 from ..backend import Coefs, Grads, LogitSpec, TokenStats
 from .logprob import soft_cap, soft_cap_grad, xlogx_term
@@ -243,7 +244,7 @@ def linear_logprob_bwd_kernel(
     in_vocab = offs_v < vocab_size
     h_rows, label_col, _ = _hidden_rows(h_ptr, rows_ptr, target_ptr, offs_n, in_rows, vocab_size, seq_len,
                                         stride_h_b, stride_h_t)
-    shift = tl.load(norm_ptr + offs_n, mask=in_rows, other=0.0)
+    shift = tl.load(norm_ptr + offs_n, mask=in_rows, other=float("inf"))  # rows past the chunk: p = 0
     log_sum = tl.load(norm_ptr + num_rows + offs_n, mask=in_rows, other=0.0)
     coef = tl.load(coef_ptr + offs_n, mask=in_rows, other=0.0)
     if ENTROPY:
@@ -487,7 +488,7 @@ class _LinearWork:
         self.config = tile_config(rows.dtype, weight.shape[1], self.device)
         self.store_config = tile_config(rows.dtype, weight.shape[1], self.device, store=True)
         self.scored = (target >= 0).nonzero().squeeze(1)
-        self.flat_hidden = rows.reshape(-1, rows.shape[-1])
+        self.flat_hidden = layout.flat_rows(rows)
         self._buffers, self._kept = {}, None
         f32 = dict(dtype=torch.float32, device=rows.device)
         self.d_hidden = torch.zeros(self.flat_hidden.shape, dtype=rows.dtype, device=rows.device) if needs[0] else None
