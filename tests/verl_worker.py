@@ -1,11 +1,14 @@
 """The verl plug-in across data-parallel ranks: helpers shared with tests/test_verl.py, and what each process of
 its multi-process tests runs (gloo on the CPU, started by a forkserver that has imported verl once).
 
-Every rank builds the same full problem from one seed, lays the rows out over the ranks as verl's dispatch does
-(rank r holds its rows in order and splits them into micro-batches of ``MICRO``; micro-batch step m is the m-th
-micro-batch of every rank), runs each of its micro-batches through verl's own ``ppo_loss`` (hooked by the plug-in)
-with ``dp_group`` the world, and averages the gradients over the ranks as FSDP does. The result is compared with
-``gvpo_kernels.reference.gvpo_loss`` on the whole batch (float64, ``reduction="mean"``).
+Every rank builds the same full problem from one seed and lays the rows out over the ranks as verl's dispatch does
+(rank r holds a contiguous chunk, in order). Legacy trainer (:func:`check_legacy`): each rank splits its rows into
+micro-batches of ``MICRO`` (micro-batch step m is the m-th micro-batch of every rank), runs each through verl's own
+``ppo_loss`` (hooked by the plug-in) with ``dp_group`` the world, and averages the gradients over the ranks as
+FSDP does. v1 trainer (:func:`check_v1`): a batch in finishing order goes through the plug-in's ``_balance_batch``
+and ``_update_actor``, then verl's own mini-batch iterator and ``prepare_micro_batches`` (fixed and dynamic), as
+verl's actor worker runs them. Results are compared with ``gvpo_kernels.reference.gvpo_loss`` (float64,
+``reduction="mean"``) on the whole batch or mini-batch.
 """
 
 import datetime
