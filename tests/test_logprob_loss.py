@@ -294,6 +294,28 @@ def test_no_grad_and_mixed_dtypes():
     assert rel_err(loss, want) < 1e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", [Case(), Case(packed=True, groups=(2, 3, 1, 5), shuffled=True, dtype=torch.bfloat16),
+                                  Case(anchor=False, reduction="sum")], ids=lambda c: c.id)
+def test_cuda_matches_reference(case):
+    """On the GPU: CUDA tensors in, the loss, gradient and stats on the GPU, against the float64 reference."""
+    inputs = make(case)
+    to_cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs["kwargs"].items()}
+    leaf = inputs["logprobs"].to(case.dtype).cuda().requires_grad_()
+    anchor = None if inputs["anchor"] is None else inputs["anchor"].to(case.dtype).cuda()
+    loss, stats = gk.gvpo_loss_from_logprobs(leaf, inputs["rewards"].to(case.dtype).cuda(), ref_logprobs=anchor,
+                                             return_stats=True, **to_cuda)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    assert loss.is_cuda and grad.is_cuda and stats.grad_seq_logprob.is_cuda and grad.dtype == case.dtype
+    oracle = loss_grad_stats(reference.gvpo_loss_from_logprobs, dataclasses.replace(case, strided=False), inputs,
+                             torch.float64)
+    baseline = loss_grad_stats(reference.gvpo_loss_from_logprobs, dataclasses.replace(case, strided=False), inputs,
+                               case.dtype)
+    for got, base, want in ((loss, baseline[0], oracle[0]), (grad, baseline[1], oracle[1]),
+                            (stats.grad_seq_logprob, baseline[2].grad_seq_logprob, oracle[2].grad_seq_logprob)):
+        assert rel_err(got.cpu(), want) <= rel_err(base, want) + SLACK[case.dtype]
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 B, T = 4, 3
