@@ -331,6 +331,7 @@ def test_v1_config_checks():
     assert "actor_rollout_ref.actor.shuffle must be False" in problems(shuffle=True)
     assert "ppo_micro_batch_size_per_gpu (4) must be a multiple of actor_rollout_ref.rollout.n (3)" in \
         problems(ppo_micro_batch_size_per_gpu=4)
+    assert "ppo_micro_batch_size_per_gpu must be set" in problems(ppo_micro_batch_size_per_gpu=None)
     assert "ppo_micro_batch_size_per_gpu (9) must divide each rank's mini-batch" in \
         problems(ppo_micro_batch_size_per_gpu=9, dp=2)
     assert "ppo_mini_batch_size (8 prompts) must be a multiple of the actor's data-parallel size (3)" in problems(dp=3)

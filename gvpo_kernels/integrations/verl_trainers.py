@@ -59,7 +59,10 @@ def check_v1_config(config, dp_size: int | None = None) -> None:
                             f"group: rollout.n ({n}) x the longest sequence ({longest}) = {n * longest}")
     else:
         micro = actor.get("ppo_micro_batch_size_per_gpu", None)
-        if not micro or int(micro) % n:
+        if not micro:
+            problems.append(f"{key}ppo_micro_batch_size_per_gpu must be set (a multiple of "
+                            f"actor_rollout_ref.rollout.n, {n}), or use_dynamic_bsz=True")
+        elif int(micro) % n:
             problems.append(f"{key}ppo_micro_batch_size_per_gpu ({micro}) must be a multiple of "
                             f"actor_rollout_ref.rollout.n ({n}), so that micro-batches hold whole groups")
         elif dp_size and mini % dp_size == 0 and (mini * n // dp_size) % int(micro):
