@@ -433,3 +433,31 @@ def _groups(group_size, group_ids, num_seqs: int, device):
     torch.cumsum(counts, 0, out=ptr[1:])
     to = dict(device=device, dtype=torch.int64, non_blocking=True)
     return seq_group.to(**to), order.to(**to), ptr.to(**to), int(counts.max()) if counts.numel() else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-token log-probs (gvpo_loss_from_logprobs): no logits, no labels
+
+
+def check_token_logprobs(token_logprobs, **same_device) -> torch.Tensor:
+    """Check ``token_logprobs``, (B, T) padded or (N,) packed and floating-point, and that every tensor in
+    ``same_device`` (name=value; None skipped) is on its device, with mask and ref_logprobs of its shape.
+
+    Returns the int64 zeros of its shape that stand for the labels in :func:`build` with ``vocab_size=1``: every
+    position holds the one valid id, so the mask alone decides which positions are scored.
+    """
+    _check_tensor("token_logprobs", token_logprobs)
+    if token_logprobs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"token_logprobs must be float32, bfloat16, float16 or float64, got {token_logprobs.dtype}")
+    if token_logprobs.dim() not in (1, 2):
+        raise ValueError(f"token_logprobs must be (B, T) padded or (N,) packed, got shape "
+                         f"{tuple(token_logprobs.shape)}")
+    shape, device = tuple(token_logprobs.shape), token_logprobs.device
+    for name, value in same_device.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # None, or a wrong kind that build() names
+        if name in ("mask", "ref_logprobs") and tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have the shape of token_logprobs {shape}, got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but token_logprobs is on {device}")
+    return torch.zeros(shape, dtype=torch.int64, device=device)

@@ -188,3 +188,39 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         logits = logits + bias.to(dtype)
     return token_logprobs(logits, labels, temperature=temperature, mask=mask, cu_seqlens=cu_seqlens,
                           ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)
+
+
+def gvpo_loss_from_logprobs(token_logprobs, rewards, *, mask=None, group_size=None, group_ids=None, cu_seqlens=None,
+                            ref_logprobs=None, beta=0.1, reduction="mean", return_stats=False):
+    """Reference :func:`gvpo_kernels.gvpo_loss_from_logprobs` (no ``group_process_group``): mask, sum each
+    sequence, centre each group, and let autograd give the gradient. float32 math (float64 for float64 log-probs);
+    same errors; ``stats.entropy`` is ``zeros(0)``."""
+    layout.check_options(beta=beta, temperature=1.0, reduction=reduction, ignore_index=-100, backend="torch")
+    layout.check_flag("return_stats", return_stats)
+    labels = layout.check_token_logprobs(token_logprobs, mask=mask, ref_logprobs=ref_logprobs, rewards=rewards,
+                                         group_ids=group_ids, cu_seqlens=cu_seqlens)
+    layout.build(labels, rewards, vocab_size=1, group_size=group_size, group_ids=group_ids, mask=mask,
+                 cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, reduction=reduction)
+
+    dtype = torch.float64 if token_logprobs.dtype == torch.float64 else torch.float32
+    scored = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=token_logprobs.device)
+    seq_logprob = _per_sequence_sums(torch.where(scored, token_logprobs.to(dtype), zero), cu_seqlens)
+    if ref_logprobs is None:
+        seq_ref = seq_logprob.detach()
+    else:
+        seq_ref = _per_sequence_sums(torch.where(scored, ref_logprobs.detach().to(dtype), zero), cu_seqlens)
+    num_seqs = seq_logprob.numel()
+    groups = torch.arange(num_seqs, device=seq_logprob.device) // group_size if group_size is not None else group_ids
+    rewards = rewards.detach().to(dtype)
+
+    loss = _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction)
+    if not return_stats:
+        return loss
+    with torch.enable_grad():
+        s = seq_logprob.detach().requires_grad_()
+        a = s.detach() if ref_logprobs is None else seq_ref
+        (grad_s,) = torch.autograd.grad(_group_loss(s, a, rewards, groups, beta, reduction), s)
+    return loss, GVPOStats(seq_logprob=seq_logprob.detach().float(),
+                           implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
+                           grad_seq_logprob=grad_s.float(), entropy=torch.zeros(0, device=token_logprobs.device))

@@ -2,7 +2,9 @@
 # The verl plug-in's tests, in their own virtual environment: verl 0.9.1 pins transformers < 5.11, which the
 # TRL plug-in (transformers 5.x) in .venv cannot share. Creates .venv-verl in the repository root if missing
 # (torch==2.13.0 first where there is no CUDA, so that nothing pulls a CUDA build; then this package with its
-# verl and dev extras), then runs tests/test_verl.py there. Extra arguments go to pytest.
+# verl and dev extras: verl plus TransferQueue, cachetools, fastapi and uvicorn, which verl's default v1 trainer
+# module imports and verl's own `verl` package does not require), re-installing when pyproject.toml changed,
+# then runs tests/test_verl.py there (about a minute on 2 cores). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

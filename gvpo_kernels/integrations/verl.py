@@ -1,63 +1,22 @@
-"""verl plug-in: the GVPO policy loss, registered as ``actor_rollout_ref.actor.policy_loss.loss_mode=gvpo``.
+"""verl plug-in: the GVPO policy loss as ``actor_rollout_ref.actor.policy_loss.loss_mode=gvpo`` (verl 0.9.1).
 
-Importing this module (verl imports it in every process through this package's ``verl.plugins`` entry point, and
-again where ``actor_rollout_ref.model.external_lib`` names it) does three things:
+Importing this module (verl imports it in every process through this package's ``verl.plugins`` entry point):
 
-1. ``register_policy_loss("gvpo")`` registers :func:`compute_policy_loss_gvpo`.
-2. The group hook (:func:`install_group_id_hook`): verl's policy-loss signature ``(old_log_prob, log_prob,
-   advantages, response_mask, loss_agg_mode, config, rollout_is_weights)`` carries no groups. The actor's loss
-   function ``verl.workers.utils.losses.ppo_loss(config, model_output, data, dp_group)`` sees the micro-batch
-   ``data``, with verl's per-sample ``uid`` (the prompt id that verl's GRPO advantage groups by), and verl's
-   data-parallel process group. The hook wraps ``ppo_loss`` so that, during each call, the uids as global int64
-   group ids (:func:`uids_to_group_ids`, a hash of the uid string, equal on every rank) and ``dp_group`` sit in a
-   context variable that the policy loss reads. Outside verl, set them with ``with group_ids(uids, pg): ...``.
-3. The balancing hook (:func:`install_balance_hook`): verl's ``RayPPOTrainer._balance_batch``
-   (``trainer.balance_batch=True``) reorders the batch by sequence length across ranks and scatters groups. When
-   ``loss_mode`` is ``gvpo`` the hook runs :func:`balance_batch_keeping_groups` instead, which balances lengths
-   across ranks while keeping each prompt's responses in one micro-batch step; for any other loss mode verl's
-   own balancing runs unchanged. The patch is applied when ``verl.trainer.ppo.ray_trainer`` is imported.
+1. registers :func:`compute_policy_loss_gvpo`, which runs :func:`gvpo_kernels.gvpo_loss_from_logprobs` on verl's
+   per-token log-probs, with ``old_log_prob`` as the anchor and each response's mean advantage as its centred
+   reward (verl's GRPO advantage with ``norm_adv_by_std_in_grpo=False`` is R_i - mean R);
+2. wraps verl's actor loss ``verl.workers.utils.losses.ppo_loss`` (:func:`install_group_id_hook`) so that the
+   micro-batch's ``uid`` (the groups) and ``dp_group`` (groups are centred across the data-parallel ranks) reach it;
+3. patches verl's trainers when they are imported, for ``loss_mode=gvpo`` only, so that each prompt's responses
+   stay in one micro-batch step: the v1 trainer (the default) and the legacy one (``trainer.use_v1=False``), see
+   :mod:`gvpo_kernels.integrations.verl_trainers`, whose names this module re-exports.
 
-The loss, for the micro-batch of one step (each rank holds S rows: ``log_prob``, ``old_log_prob``,
-``advantages``, ``response_mask`` all (S, T), right-padded responses, as verl hands them over):
-
-    s_i = sum_t log_prob[i, t]       over response tokens      (verl's log-probs: its temperature already applied)
-    a_i = sum_t old_log_prob[i, t]   the anchor: the policy before this update, as in the official recipe
-    A_i = mean over the response tokens of advantages[i, t]: verl's GRPO outcome advantage, which with
-          algorithm.norm_adv_by_std_in_grpo=False is R_i - mean of R over the uid group
-    L_G = 1 / (2 max(k_G - 1, 1)) * sum_{i in G} [(r_i - mean_G r) - (A_i - mean_G A)]^2,  r_i = beta (s_i - a_i)
-
-G runs over the uid groups of the step on *all* data-parallel ranks: ``gvpo_kernels.gvpo_loss`` with
-``group_process_group=dp_group`` centres each group over every rank holding part of it, so a group split over
-ranks gives the single-process result. Each rank returns
-
-    loss = loss_scale / num_groups * sum_G L_G         (the same value on every rank)
-
-with the gradient of its own sequences multiplied by ``dp_size``, because verl (FSDP) averages gradients and the
-loss metric over ranks. ``num_groups`` = ``global_batch_size / rollout_n``, the mini-batch's groups. Summed over
-the micro-batch steps of a mini-batch, this is ``loss_scale`` x the mean of L_G over the mini-batch's groups:
-``gvpo_kernels.reference.gvpo_loss`` on the whole mini-batch, ``reduction="mean"``.
-
-Scale: the official recipe sums per micro-batch, so its objective is (ppo_micro_batch_size_per_gpu / rollout.n) x
-this mean. ``GVPO_LOSS_SCALE`` (environment variable, read at each call; default 1) sets ``loss_scale``: a number
-> 0, or ``recipe`` for ppo_micro_batch_size_per_gpu / rollout_n, the recipe's exact gradient magnitude.
-
-Groups must be whole within each micro-batch step (across ranks): a group cut across steps is centred over each
-piece, and gets a warning (once). ``trainer.balance_batch=True`` with the hook above arranges that; without it,
-verl's order (a prompt's responses consecutive) does when ``ppo_micro_batch_size_per_gpu`` is a multiple of
-``rollout.n``. Either way keep ``actor.shuffle=False`` and ``actor.use_dynamic_bsz=False``.
-
-beta is ``actor_rollout_ref.actor.policy_loss.ppo_kl_coef`` (default 0.1, the official value): verl's configs are
-typed dataclasses that reject new keys, and GVPO's beta is the coefficient of the KL term of the objective it
-solves. Not used by GVPO: ``clip_ratio*`` (no importance ratio), ``loss_agg_mode`` (GVPO is per sequence),
-``rollout_is_weights`` (GVPO needs no importance sampling; a warning is given once if verl passes them). Keep
-``actor.use_kl_loss=False`` and ``algorithm.use_kl_in_reward=False``: the KL is in GVPO's objective already.
-
-Why per-token log-probs and not hidden states: verl's engine computes the log-probs itself (its
-``prepare_model_outputs``) and hands the loss function ``model_output["log_probs"]``, never the last hidden state
-or the LM head, so this loss works on O(S x T) log-probs and cannot fuse the head. The logits are verl's to
-avoid: ``actor_rollout_ref.model.use_fused_kernels=True`` makes verl compute log-probs and entropy from the hidden
-states in chunks (its fused linear-for-PPO kernel), without the full logits. The fused hidden-state path of this
-package (:func:`gvpo_kernels.linear_gvpo_loss`) is used by the TRL plug-in.
+A group must be whole within each micro-batch step (the m-th micro-batch of every rank): under v1 a cut group is
+an error, under the legacy trainer a warning. Each micro-batch step's loss is ``loss_scale / num_groups x
+sum_G L_G`` (the mini-batch's ``num_groups``; the gradient of the rank's sequences times ``dp_size``, which FSDP
+averages away), so a mini-batch's summed loss is ``loss_scale`` x the mean of L_G over its groups.
+``GVPO_LOSS_SCALE`` sets ``loss_scale`` (unset: 1; ``recipe``: ppo_micro_batch_size_per_gpu / rollout.n, the
+official recipe's gradient magnitude). README.md, "Use with verl", has the command and the conditions.
 """
 
 from __future__ import annotations
@@ -66,13 +25,12 @@ import collections
 import contextvars
 import functools
 import hashlib
-import importlib.abc
-import importlib.util
 import os
+import re
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,11 +38,25 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 
 import gvpo_kernels as gk
 
-LOSS_NAME = "gvpo"
+from .verl_trainers import (LOSS_NAME, TRAINER_MODULES, WHOLE_GROUPS_KEY, _PatchOnImport,  # noqa: F401 (re-exported)
+                            balance_batch_keeping_groups, balance_batch_v1, check_v1_config, group_balanced_order,
+                            install_balance_hook, patch_balance_batch, patch_v1_trainer, v1_group_order)
+
 LOSS_SCALE_ENV = "GVPO_LOSS_SCALE"
-_GROUPS: contextvars.ContextVar[tuple[torch.Tensor, Any] | None] = contextvars.ContextVar("gvpo_groups",
-                                                                                         default=None)
+_PAD_UID = re.compile(r"pad[0-9a-f]{32}")  # the uid of verl's synthetic padding rows (trainer/ppo/padding_utils.py)
 _WARNED: set[str] = set()
+
+
+class Groups(NamedTuple):
+    """The groups of one micro-batch, set by :func:`group_ids` (the ``ppo_loss`` hook uses it)."""
+
+    ids: torch.Tensor  # (S,) int64 global group ids, one per row
+    process_group: Any  # the data-parallel process group, or None
+    whole_size: int | None  # every group must have this many rows in the step (v1), else a cut group only warns
+    padding: torch.Tensor  # (S,) bool, verl's synthetic padding rows (no response: they add nothing)
+
+
+_GROUPS: contextvars.ContextVar[Groups | None] = contextvars.ContextVar("gvpo_groups", default=None)
 
 
 # ---- group ids ---------------------------------------------------------------------------------------------------
@@ -99,18 +71,21 @@ def uids_to_group_ids(uids: Sequence[Any] | torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def group_ids(uids: Sequence[Any] | torch.Tensor, process_group=None):
+def group_ids(uids: Sequence[Any] | torch.Tensor, process_group=None, *, whole_groups_of: int | None = None):
     """Inside the block, ``uids`` (one per row of the micro-batch, in row order) are the groups of the GVPO loss,
-    centred over the ranks of ``process_group`` (verl's data-parallel group; None: this process alone)."""
-    token = _GROUPS.set((uids_to_group_ids(uids), process_group))
+    centred over the ranks of ``process_group`` (verl's data-parallel group; None: this process alone). With
+    ``whole_groups_of=n`` a group without n rows over the ranks (verl's padding rows aside) is an error."""
+    uid_list = uids.tolist() if isinstance(uids, torch.Tensor) else list(uids)
+    padding = torch.tensor([bool(_PAD_UID.fullmatch(str(u))) for u in uid_list], dtype=torch.bool)
+    token = _GROUPS.set(Groups(uids_to_group_ids(uid_list), process_group, whole_groups_of, padding))
     try:
         yield
     finally:
         _GROUPS.reset(token)
 
 
-def current_group_ids() -> tuple[torch.Tensor, Any]:
-    """The (S,) int64 group ids and the process group set by :func:`group_ids` or by the ``ppo_loss`` hook."""
+def current_groups() -> Groups:
+    """The :class:`Groups` set by :func:`group_ids` or by the ``ppo_loss`` hook."""
     groups = _GROUPS.get()
     if groups is None:
         raise RuntimeError(
@@ -144,7 +119,10 @@ def _with_group_ids(ppo_loss):
         uids = _micro_batch_uids(data)
         if uids is None:
             return ppo_loss(config=config, model_output=model_output, data=data, dp_group=dp_group)
-        with group_ids(uids, dp_group):
+        from verl.utils import tensordict_utils as tu
+
+        whole = tu.get_non_tensor_data(data=data, key=WHOLE_GROUPS_KEY, default=None)
+        with group_ids(uids, dp_group, whole_groups_of=whole):
             return ppo_loss(config=config, model_output=model_output, data=data, dp_group=dp_group)
 
     ppo_loss_with_group_ids._gvpo_hook = True
@@ -173,7 +151,7 @@ def compute_policy_loss_gvpo(
     config=None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """GVPO policy loss for verl (see the module docstring for the formula and its normalisation).
+    """GVPO policy loss for verl (see the module docstring for its normalisation).
 
     Args:
         old_log_prob: (S, T) float, log-probs of the response tokens under the policy before the update (anchor).
@@ -205,59 +183,71 @@ def compute_policy_loss_gvpo(
         _warn_once("rollout_is_weights", "loss_mode='gvpo' ignores rollout_is_weights: GVPO needs no importance "
                    "sampling")
 
-    groups, process_group = current_group_ids()
-    groups = groups.to(log_prob.device)
-    if groups.numel() != log_prob.size(0):
-        raise ValueError(f"{groups.numel()} group ids for {log_prob.size(0)} sequences: the uids must be those of "
+    groups = current_groups()
+    ids = groups.ids.to(log_prob.device)
+    if ids.numel() != log_prob.size(0):
+        raise ValueError(f"{ids.numel()} group ids for {log_prob.size(0)} sequences: the uids must be those of "
                          "this micro-batch, one per row, in row order")
+    process_group = groups.process_group
     if process_group is not None and dist.get_world_size(process_group) == 1:
         process_group = None
+    rollout_n = config.get("rollout_n", None)
+    sizes = _group_sizes(groups.ids[~groups.padding], process_group)  # over all ranks, before the loss's exchange
+    _check_whole_groups(sizes, groups.whole_size or (rollout_n if isinstance(rollout_n, int) else None),
+                        strict=groups.whole_size is not None)
+
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=torch.float32, device=log_prob.device)
-    seq_logprob = torch.where(mask, log_prob.float(), zero).sum(-1)                       # s_i, (S,)
     num_tokens = mask.sum(-1)
     centred_reward = torch.where(mask, advantages.detach().float(), zero).sum(-1) / num_tokens.clamp(min=1)
+    group_sum, stats = gk.gvpo_loss_from_logprobs(
+        log_prob, centred_reward, mask=mask, group_ids=ids, ref_logprobs=old_log_prob.detach(), beta=beta,
+        reduction="sum", group_process_group=process_group, return_stats=True)
 
-    # gvpo_loss does the group stage, across ranks: one class of logit 0 scores log-prob 0 at every token, and the
-    # anchor old - new makes its implicit reward beta * (s_i - a_i). Its dloss/ds_i then drives our s_i.
-    anchor = torch.where(mask, (old_log_prob.detach() - log_prob.detach()).float(), zero)
-    group_sum, stats = gk.gvpo_loss(
-        log_prob.new_zeros(*log_prob.shape, 1, dtype=torch.float32), torch.zeros_like(mask, dtype=torch.int64),
-        centred_reward, group_ids=groups, mask=mask, ref_logprobs=anchor, beta=beta, reduction="sum",
-        backend="torch", return_stats=True, group_process_group=process_group)
-    surrogate = (stats.grad_seq_logprob * (seq_logprob - seq_logprob.detach())).sum()  # value 0, grad dL/ds_i
-
-    sizes = _group_sizes(groups, process_group)
     info = getattr(config, "global_batch_info", None) or {}
     dp_size = int(info.get("dp_size") or 1)
     global_batch_size = info.get("global_batch_size")
-    rollout_n = config.get("rollout_n", None)
     num_groups = global_batch_size / rollout_n if global_batch_size and rollout_n else len(sizes)
-    factor = _loss_scale(config) / num_groups
-    # verl averages gradients (and the loss metric) over the dp ranks: the global sum counts once in the value,
-    # the gradient of this rank's sequences dp_size times. Without a process group the sum is this rank's share.
+    factor = _loss_scale(config) / max(num_groups, 1)
+    # verl averages gradients (and the loss metric) over the dp ranks: the gradient of this rank's sequences counts
+    # dp_size times; the value is the global sum with a process group, this rank's share (x dp_size) without.
     value_weight = 1 if process_group is not None else dp_size
-    loss = factor * (value_weight * group_sum + dp_size * surrogate)
+    loss = factor * (dp_size * group_sum - (dp_size - value_weight) * group_sum.detach())
 
-    if isinstance(rollout_n, int) and any(k != rollout_n for k in sizes.values()):
-        _warn_once("partial", "loss_mode='gvpo': the uid groups of a micro-batch step have sizes "
-                   f"{sorted(sizes.values())} over all ranks (rollout.n = {rollout_n}); a group cut across "
-                   "micro-batch steps is centred over each piece. Keep groups whole: trainer.balance_batch=True "
-                   "(with this plug-in's group-keeping balancing) or ppo_micro_batch_size_per_gpu a multiple of "
-                   "rollout.n, actor.shuffle=False, actor.use_dynamic_bsz=False")
     with torch.no_grad():
         old_minus_new = torch.where(mask, (old_log_prob - log_prob).float(), zero)
         metrics = {
-            "actor/gvpo_implicit_reward": stats.implicit_reward.mean().item(),
-            "actor/gvpo_grad_seq_logprob_abs": (factor * dp_size * stats.grad_seq_logprob).abs().mean().item(),
+            "actor/gvpo_implicit_reward": stats.implicit_reward.mean().item() if len(ids) else 0.0,
+            "actor/gvpo_grad_seq_logprob_abs": (factor * dp_size * stats.grad_seq_logprob).abs().mean().item()
+            if len(ids) else 0.0,
             "actor/ppo_kl": (old_minus_new.sum() / num_tokens.sum().clamp(min=1)).item(),
         }
     return loss, metrics
 
 
-def _group_sizes(groups: torch.Tensor, process_group) -> dict[int, int]:
-    """{global group id: its number of sequences in this step, over every rank of ``process_group``}."""
-    local = collections.Counter(groups.tolist())
+def _check_whole_groups(sizes: dict[int, int], expected: int | None, strict: bool) -> None:
+    """Every group of the step (``sizes``, over all ranks, so that every rank decides alike) must have ``expected``
+    (rollout.n) rows: an error where the batch was arranged for whole groups (v1), a warning once otherwise."""
+    if expected is None:
+        return
+    cut = sorted(k for k in sizes.values() if k != expected)
+    if not cut:
+        return
+    message = (f"loss_mode='gvpo': this micro-batch step holds groups (prompts) with {cut} rows over all ranks, not "
+               f"rollout.n = {expected}: a prompt's responses are cut across micro-batch steps, and the loss would "
+               "centre each piece alone, which is not GVPO.")
+    if strict:
+        raise ValueError(message + " The plug-in arranged this batch for whole groups: something reordered it "
+                         "afterwards (actor.shuffle=True, a custom sampler or worker, dynamic batch size without "
+                         "force_group_size).")
+    _warn_once("partial", message + " Keep groups whole: trainer.balance_batch=True (with this plug-in's "
+               "group-keeping balancing) or ppo_micro_batch_size_per_gpu a multiple of rollout.n, actor.shuffle="
+               "False, actor.use_dynamic_bsz=False")
+
+
+def _group_sizes(ids: torch.Tensor, process_group) -> dict[int, int]:
+    """{global group id: its number of rows in this step, over every rank of ``process_group``}."""
+    local = collections.Counter(ids.tolist())
     if process_group is None:
         return dict(local)
     everyone = [None] * dist.get_world_size(process_group)
@@ -289,137 +279,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, UserWarning, stacklevel=3)
-
-
-# ---- group-keeping batch balancing -------------------------------------------------------------------------------
-
-def group_balanced_order(uids: Sequence[Any], workloads: Sequence[float], dp_size: int,
-                         micro_batch_size: int) -> list[list[int]]:
-    """Row order that balances work across ranks and keeps every group in one micro-batch step.
-
-    verl hands rank r the rows [r B / dp, (r + 1) B / dp) of the batch (B rows) and splits them in order into
-    micro-batches of ``micro_batch_size``; micro-batch step m is the m-th micro-batch of every rank, dp x micro
-    rows. Groups (equal size k, dp x micro a multiple of k) are assigned to steps balancing the steps' total
-    workloads, then each step's rows into dp shares of micro_batch_size rows with balanced workloads (verl's
-    Karmarkar-Karp ``get_seqlen_balanced_partitions``, both times), the heaviest share going to the rank with the
-    least work so far.
-
-    Args:
-        uids: (B,) per-row group keys (verl's ``uid``).
-        workloads: (B,) per-row cost (verl's ``calculate_workload`` of the sequence lengths).
-        dp_size, micro_batch_size: the data-parallel size and ``ppo_micro_batch_size_per_gpu``.
-
-    Returns:
-        For each rank, its rows (indices into the batch) in the order it will hold them.
-    """
-    from verl.utils.seqlen_balancing import get_seqlen_balanced_partitions
-
-    rows_of: dict[Any, list[int]] = {}
-    for row, uid in enumerate(uids):
-        rows_of.setdefault(uid, []).append(row)
-    groups = list(rows_of.values())
-    sizes = {len(g) for g in groups}
-    step_rows = dp_size * micro_batch_size
-    if len(sizes) != 1:
-        raise ValueError(f"group-keeping balancing needs groups of one size (rollout.n), got sizes {sorted(sizes)}")
-    (k,) = sizes
-    if step_rows % k or len(uids) % step_rows:
-        raise ValueError(f"group-keeping balancing needs dp_size x ppo_micro_batch_size_per_gpu ({dp_size} x "
-                         f"{micro_batch_size}) to be a multiple of rollout.n ({k}) and to divide the batch size "
-                         f"({len(uids)})")
-    num_steps = len(uids) // step_rows
-    group_work = [sum(workloads[r] for r in g) for g in groups]
-    steps = get_seqlen_balanced_partitions(group_work, k_partitions=num_steps, equal_size=True)
-    ranks: list[list[int]] = [[] for _ in range(dp_size)]
-    totals = [0.0] * dp_size
-    for step in steps:
-        rows = [r for g in step for r in groups[g]]
-        shares = [[rows[i] for i in sorted(share)] for share in
-                  get_seqlen_balanced_partitions([workloads[r] for r in rows], k_partitions=dp_size, equal_size=True)]
-        shares.sort(key=lambda share: -sum(workloads[r] for r in share))
-        for share, rank in zip(shares, sorted(range(dp_size), key=lambda r: totals[r])):  # heaviest to lightest
-            ranks[rank].extend(share)
-            totals[rank] += sum(workloads[r] for r in share)
-    return ranks
-
-
-def balance_batch_keeping_groups(trainer, batch, metrics: dict, logging_prefix: str = "global_seqlen",
-                                 keep_minibatch: bool = False) -> None:
-    """``RayPPOTrainer._balance_batch`` for GVPO: reorder ``batch`` (a DataProto, in place) by
-    :func:`group_balanced_order` and log verl's balance metrics. ``keep_minibatch`` is ignored: every micro-batch
-    step holds whole groups, which is what the loss needs, whatever mini-batch a group lands in."""
-    from verl.utils.seqlen_balancing import calculate_workload, log_seqlen_unbalance
-
-    actor = trainer.config.actor_rollout_ref.actor
-    if actor.get("use_dynamic_bsz", False) or actor.get("shuffle", False):
-        raise ValueError("loss_mode='gvpo' with trainer.balance_batch=True needs actor.use_dynamic_bsz=False and "
-                         "actor.shuffle=False: both regroup the rows of a rank after balancing")
-    if "uid" not in batch.non_tensor_batch:
-        raise ValueError("loss_mode='gvpo' balancing needs the batch's 'uid' (verl's prompt id) in non_tensor_batch")
-    seqlens = batch.batch["attention_mask"].reshape(len(batch), -1).sum(-1)
-    workloads = calculate_workload(seqlens).tolist()
-    dp_size = trainer._get_dp_size(trainer.actor_rollout_wg, "actor")
-    partitions = group_balanced_order(list(batch.non_tensor_batch["uid"]), workloads, dp_size,
-                                      int(actor.ppo_micro_batch_size_per_gpu))
-    batch.reorder(torch.tensor([row for rows in partitions for row in rows]))
-    metrics.update(log_seqlen_unbalance(seqlen_list=seqlens.tolist(), partitions=partitions, prefix=logging_prefix))
-
-
-def patch_balance_batch(trainer_cls) -> None:
-    """Make ``trainer_cls._balance_batch`` run :func:`balance_batch_keeping_groups` when the actor's loss_mode is
-    ``gvpo`` and verl's own method otherwise. Idempotent."""
-    original = trainer_cls._balance_batch
-    if getattr(original, "_gvpo_hook", False):
-        return
-
-    @functools.wraps(original)
-    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
-        if self.config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla") == LOSS_NAME:
-            return balance_batch_keeping_groups(self, batch, metrics, logging_prefix, keep_minibatch)
-        return original(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
-
-    _balance_batch._gvpo_hook = True
-    trainer_cls._balance_batch = _balance_batch
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Runs ``patch(module)`` right after the module named ``name`` is first executed (its import stays lazy)."""
-
-    def __init__(self, name: str, patch):
-        self.name, self.patch = name, patch
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)  # find the real spec with the other finders, once
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            self.patch(module)
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
-def install_balance_hook() -> None:
-    """Patch ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` (:func:`patch_balance_batch`) now if that module is
-    imported, else when it is (it imports Ray and the rollout servers, which this plug-in does not need)."""
-    name = "verl.trainer.ppo.ray_trainer"
-
-    def patch(module):
-        patch_balance_batch(module.RayPPOTrainer)
-
-    if name in sys.modules:
-        patch(sys.modules[name])
-    elif not any(isinstance(f, _PatchOnImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 install_group_id_hook()
