@@ -73,8 +73,11 @@ inline float exp_f32(float x) {
 }
 
 // tanh(x) in float32, accurate to a few ulp, branch-free (loops calling it vectorise): the odd Taylor polynomial
-// of degree 15 where |x| < 0.5 (relative truncation error < 1e-8), else sign(x) (1 - 2 / (exp(2 |x|) + 1)).
-inline float tanh_f32(float x) {
+// of degree 15 where |x| < 0.5 (relative truncation error < 1e-8), else sign(x) (1 - 2 / (exp(2 |x|) + 1)); |x|
+// clamped at 20, where tanh is 1 in float32 (no inf arithmetic in the branch not taken; NaN passes through).
+inline float tanh_f32(float x_in) {
+  float x = x_in < -20.0f ? -20.0f : x_in;
+  x = x > 20.0f ? 20.0f : x;
   const float a = x < 0.0f ? -x : x;
   const float u = x * x;
   float p = -0.00145583438705131826f;

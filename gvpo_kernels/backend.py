@@ -64,6 +64,11 @@ class LogitSpec:
         t = y / self.softcap
         return self.logit_scale * (1.0 - t * t)
 
+    @property
+    def max_dz_dx(self) -> float:
+        """The largest dz/dx (s, times at most logit_scale through the soft-cap): bounds every gradient entry."""
+        return self.s * (self.logit_scale if self.softcap is not None else 1.0)
+
 
 class TokenStats(NamedTuple):
     """What the token stage's forward gives for N tokens.
@@ -105,12 +110,14 @@ class Grads(NamedTuple):
 
 
 class GroupStats(NamedTuple):
-    """The group stage: loss () float32, and per sequence (S,) float32 s_i, r_i = beta (s_i - a_i), dL/ds_i."""
+    """The group stage: loss () float32, and per sequence (S,) float32 s_i, r_i = beta (s_i - a_i), dL/ds_i;
+    entropy_bonus () float32, the entropy bonus subtracted from the loss (None where the stage adds none)."""
 
     loss: Tensor
     seq_logprob: Tensor
     implicit_reward: Tensor
     grad_seq_logprob: Tensor
+    entropy_bonus: Optional[Tensor] = None
 
 
 class LinearWork(Protocol):

@@ -268,6 +268,14 @@ class RanksStage(Stage):
         super().__init__(impl, lay, opts)
         self.ranks = ranks
 
+    def scored_entropy(self, token_entropy):
+        """The count of scored tokens and the sum of their entropies over every rank of the group split (the
+        vocabulary ranks hold the same tokens): the bonus is the mean over the whole call, as one process gets."""
+        sums = super().scored_entropy(token_entropy)
+        if self.ranks.group_pg is not None:
+            dist.all_reduce(sums, group=self.ranks.group_pg)
+        return sums
+
     def group(self, stats: TokenStats) -> tuple[TokenStats, GroupStats]:
         if self.ranks.vocab_pg is not None:
             stats = combine_vocab_slices(stats, self.lay.target, self.ranks.local_vocab, self.opts.spec,

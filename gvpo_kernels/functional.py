@@ -38,6 +38,9 @@ def gvpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.1,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    entropy_coef: float = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
     backend: str = "auto",
@@ -62,6 +65,13 @@ def gvpo_loss(
         beta: scale of the implicit reward r_i = beta * (s_i - a_i), > 0 (GVPO's KL coefficient). The official
             recipe uses 0.1.
         temperature: the logits are divided by it before the softmax (use the sampling temperature).
+        softcap: for models whose logits are soft-capped (Gemma-2's ``final_logit_softcapping``, Grok): the
+            softmax sees softcap * tanh(logits * logit_scale / softcap) / temperature. None (default): no cap.
+        logit_scale: the logits are multiplied by it first (Cohere's ``logit_scale``; Granite's ``logits_scaling``
+            divides: pass its reciprocal). 1.0 by default. Without a softcap it folds into the temperature.
+        entropy_coef: an entropy bonus: the loss is the GVPO loss minus entropy_coef times the mean token entropy
+            over the call's scored tokens (every scored token weighs the same, whatever its sequence: TRL's
+            entropy bonus, whatever its loss_type). Its gradient comes from the same backward. 0 (default): none.
         reduction: "mean" over groups (default) or "sum".
         ignore_index: label value of positions that are not scored.
         backend: "auto" (CUDA -> "triton", CPU -> "cpu", the C++ kernels, else "torch"), "triton", "cpu" or
@@ -70,7 +80,8 @@ def gvpo_loss(
             exists. The logits are then consumed: their values are overwritten by the gradient. Eager mode only:
             under torch.compile the gradient gets a buffer of its own.
         return_stats: also return a :class:`GVPOStats` of per-sequence s_i, r_i, dL/ds_i and the mean token entropy
-            (detached), the entropy from the same pass over the logits as the log-probs.
+            (detached), the entropy from the same pass over the logits as the log-probs, and the loss's GVPO part
+            and entropy bonus.
         group_process_group: a torch.distributed process group over which the sequences of a group are spread;
             each rank passes its own sequences with global ``group_ids``. The loss is then the global one.
         vocab_process_group: a process group over which the vocabulary is split in contiguous slices, rank order:
@@ -91,7 +102,8 @@ def gvpo_loss(
         loss.backward()
     """
     opts = _options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                    backend=backend, group_size=group_size, entropy=return_stats)
+                    backend=backend, group_size=group_size, entropy=return_stats, softcap=softcap,
+                    logit_scale=logit_scale, entropy_coef=entropy_coef)
     layout.check_flag("inplace_backward", inplace_backward)
     layout.check_flag("return_stats", return_stats)
     layout.check_process_group("group_process_group", group_process_group)
@@ -105,7 +117,7 @@ def gvpo_loss(
     else:
         _check_inplace(logits, inplace_backward)
         outs = ops.gvpo_loss(logits, data, opts, inplace_backward)
-    return (outs[0], GVPOStats(*outs[1:])) if return_stats else outs[0]
+    return (outs[0], _stats(outs)) if return_stats else outs[0]
 
 
 def linear_gvpo_loss(
@@ -122,6 +134,9 @@ def linear_gvpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.1,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    entropy_coef: float = 0.0,
     reduction: str = "mean",
     ignore_index: int = -100,
     backend: str = "auto",
@@ -155,7 +170,8 @@ def linear_gvpo_loss(
         loss.backward()
     """
     opts = _options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                    backend=backend, group_size=group_size, entropy=return_stats)
+                    backend=backend, group_size=group_size, entropy=return_stats, softcap=softcap,
+                    logit_scale=logit_scale, entropy_coef=entropy_coef)
     layout.check_flag("return_stats", return_stats)
     layout.check_process_group("group_process_group", group_process_group)
     layout.check_process_group("vocab_process_group", vocab_process_group)
@@ -166,7 +182,7 @@ def linear_gvpo_loss(
                                             vocab_process_group)
     else:
         outs = ops.linear_gvpo_loss(hidden, weight, bias, data, opts)
-    return (outs[0], GVPOStats(*outs[1:])) if return_stats else outs[0]
+    return (outs[0], _stats(outs)) if return_stats else outs[0]
 
 
 def token_logprobs(
@@ -174,6 +190,8 @@ def token_logprobs(
     labels: torch.Tensor,
     *,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -188,9 +206,10 @@ def token_logprobs(
             ``labels[t]`` (shifted by the caller).
         labels: (B, T) or (N,) int64 (int32 accepted); positions equal to ``ignore_index`` are not scored.
         temperature: the statistics are those of softmax(logits / temperature).
+        softcap, logit_scale: a soft-cap and a scale of the logits, as in :func:`gvpo_loss`.
         mask: like labels, bool or 0/1: which positions are scored. Default: all not ignored.
         cu_seqlens: (S + 1,) offsets of packed sequences; required for (N, V) logits (checked, as in the losses).
-        return_entropy: also return each scored token's entropy, sum_v p_v (lse - z_v) with z = logits / T,
+        return_entropy: also return each scored token's entropy, -sum_v p_v log p_v of that softmax,
             from the same streaming pass as the log-sum-exp, on every backend.
         backend: "auto", "triton", "cpu" or "torch", as in :func:`gvpo_loss`.
 
@@ -205,7 +224,7 @@ def token_logprobs(
         logprob, entropy = gk.token_logprobs(logits, labels, return_entropy=True)
         (-(0.01 * entropy).sum()).backward()           # an entropy bonus
     """
-    opts = _stats_options(temperature, ignore_index, return_entropy, backend)
+    opts = _stats_options(temperature, ignore_index, return_entropy, backend, softcap, logit_scale)
     layout.check_logits(logits, labels)
     logprob, entropy = ops.token_stats(logits, ops.Data(labels, mask=mask, cu_seqlens=cu_seqlens), opts)
     return (logprob, entropy) if return_entropy else logprob
@@ -218,6 +237,8 @@ def linear_token_logprobs(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -239,31 +260,40 @@ def linear_token_logprobs(
         hidden = model.model(input_ids).last_hidden_state[:, :-1]
         ref_logprobs = gk.linear_token_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:])
     """
-    opts = _stats_options(temperature, ignore_index, return_entropy, backend)
+    opts = _stats_options(temperature, ignore_index, return_entropy, backend, softcap, logit_scale)
     layout.check_linear(hidden, weight, bias, labels)
     logprob, entropy = ops.linear_token_stats(hidden, weight, bias, ops.Data(labels, mask=mask, cu_seqlens=cu_seqlens),
                                               opts)
     return (logprob, entropy) if return_entropy else logprob
 
 
-def _options(*, beta, temperature, reduction, ignore_index, backend, group_size, entropy) -> ops.Options:
+def _stats(outs) -> GVPOStats:
+    """GVPOStats of a loss's outputs (loss, s, r, dL/ds, seq_entropy, entropy_bonus)."""
+    loss, seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, bonus = outs
+    return GVPOStats(seq_logprob, implicit_reward, grad_seq_logprob, seq_entropy, (loss + bonus).detach(), bonus)
+
+
+def _options(*, beta, temperature, reduction, ignore_index, backend, group_size, entropy, softcap, logit_scale,
+             entropy_coef) -> ops.Options:
     """The checked options of a loss, as the autograd layer takes them."""
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                         backend=backend)
+                         backend=backend, softcap=softcap, logit_scale=logit_scale, entropy_coef=entropy_coef)
     if group_size is not None:
         layout.check_count("group_size", group_size)
     _check_no_functorch()
     return ops.Options(group_size=None if group_size is None else int(group_size), beta=float(beta),
-                       temperature=float(temperature), reduction=reduction, ignore_index=int(ignore_index),
-                       backend=backend, entropy=bool(entropy))
+                       temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+                       logit_scale=float(logit_scale), reduction=reduction, ignore_index=int(ignore_index),
+                       backend=backend, entropy=bool(entropy), entropy_coef=float(entropy_coef))
 
 
-def _stats_options(temperature, ignore_index, return_entropy, backend) -> ops.Options:
+def _stats_options(temperature, ignore_index, return_entropy, backend, softcap, logit_scale) -> ops.Options:
     layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
-                         backend=backend)
+                         backend=backend, softcap=softcap, logit_scale=logit_scale)
     layout.check_flag("return_entropy", return_entropy)
     _check_no_functorch()
-    return ops.Options(temperature=float(temperature), ignore_index=int(ignore_index), backend=backend,
+    return ops.Options(temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+                       logit_scale=float(logit_scale), ignore_index=int(ignore_index), backend=backend,
                        entropy=bool(return_entropy))
 
 

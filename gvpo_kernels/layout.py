@@ -35,12 +35,17 @@ class GVPOStats(NamedTuple):
     entropy:          the mean over the sequence's scored tokens of the policy's entropy at each of them,
                       -sum_v p_v log p_v of softmax(logits / T), in nats (0 for a sequence with no scored token);
                       from the loss's own pass over the logits (one more running sum)
+    gvpo_loss:        () the GVPO part of the loss (the loss when entropy_coef = 0)
+    entropy_bonus:    () entropy_coef times the mean token entropy over the call's scored tokens: the loss is
+                      gvpo_loss - entropy_bonus
     """
 
     seq_logprob: torch.Tensor
     implicit_reward: torch.Tensor
     grad_seq_logprob: torch.Tensor
     entropy: torch.Tensor
+    gvpo_loss: Optional[torch.Tensor] = None
+    entropy_bonus: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,20 @@ def flat_rows(rows: torch.Tensor) -> torch.Tensor:
 # argument checks
 
 
-def check_options(*, beta, temperature, reduction, ignore_index, backend) -> None:
+def check_options(*, beta, temperature, reduction, ignore_index, backend, softcap=None, logit_scale=1.0,
+                  entropy_coef=0.0) -> None:
     """Check the scalar keyword arguments shared by both losses (and the token statistics, which pass beta=None)."""
     if beta is not None:
         _check_positive_float32("beta", beta, "GVPO's beta is a KL coefficient: 0 gives no gradient and a "
                                 "negative one trains the policy away from the reward")
     _check_positive_float32("temperature", temperature, "the logits are divided by it")
+    if softcap is not None:
+        _check_positive_float32("softcap", softcap, "the logits are softcap * tanh(logits / softcap); None for none")
+    _check_positive_float32("logit_scale", logit_scale, "the logits are multiplied by it (1.0 for none)")
+    if softcap is None and not _FLOAT32_TINY <= float(logit_scale) / float(temperature) <= _FLOAT32_MAX:
+        raise ValueError(f"logit_scale / temperature must lie in [{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}] to be "
+                         f"computed in float32, got {logit_scale} / {temperature}")
+    _check_finite_float("entropy_coef", entropy_coef)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_int64("ignore_index", ignore_index)
@@ -163,6 +176,18 @@ def _check_positive_float32(name, value, why: str) -> None:
     if not _FLOAT32_TINY <= as_float <= _FLOAT32_MAX:
         raise ValueError(f"{name} must lie in [{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}] to be computed in float32, "
                          f"got {value:.3g}")
+
+
+def _check_finite_float(name, value) -> None:
+    """A finite real number (any sign) that float32 holds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large to represent as a float") from None
+    if not math.isfinite(as_float) or abs(as_float) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite and at most {_FLOAT32_MAX:.3g} in magnitude, got {value}")
 
 
 def check_logits(logits, labels) -> int:

@@ -7,6 +7,7 @@ The arguments are checked and flattened by ``layout`` as for the logits losses (
 token stage's output would be: there is no vocabulary here), the group stage is the torch backend's
 (``torch_impl.group_stage``) or, with ``group_process_group``, the across-ranks one of ``distributed.py``
 (``distributed._prepare`` for the checks and the group exchange, ``distributed.group_stage_across_ranks``).
+The verl plug-in (integrations/verl.py) calls it.
 Everything is O(N + S): the backward writes dL/ds_i at each scored token of sequence i.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from . import distributed, layout, torch_impl
 from .layout import GVPOStats
+from .ops.common import Data, Options, build_layout
 
 _IGNORE_INDEX = -100  # the placeholder labels are all 0, so no position is ignored: the mask decides
 
@@ -59,7 +61,7 @@ def gvpo_loss_from_logprobs(
             each rank passes its own sequences with global ``group_ids``, and gets the global loss and, for its
             sequences, the single-process gradient (DDP/FSDP average gradients: scale by the world size).
         return_stats: also return a :class:`GVPOStats` (per-sequence s_i, r_i, dL/ds_i, detached float32).
-            Its ``entropy`` is ``zeros(0)``: there are no logits to take an entropy of.
+            Its ``entropy`` is ``zeros(0)`` and its ``entropy_bonus`` 0: there are no logits to take an entropy of.
 
     Returns:
         The loss, a float32 scalar computed in float32 whatever the input dtype; with ``return_stats``,
@@ -75,8 +77,6 @@ def gvpo_loss_from_logprobs(
         loss.backward()
     """
     layout.check_process_group("group_process_group", group_process_group)
-    build_args = dict(group_size=group_size, group_ids=group_ids, mask=mask, cu_seqlens=cu_seqlens,
-                      ref_logprobs=ref_logprobs, ignore_index=_IGNORE_INDEX, reduction=reduction)
     problem, labels = None, None
     try:
         layout.check_options(beta=beta, temperature=1.0, reduction=reduction, ignore_index=_IGNORE_INDEX,
@@ -88,20 +88,23 @@ def gvpo_loss_from_logprobs(
         if group_process_group is None:
             raise
         problem = exc  # raised after the first exchange, so that the other ranks raise too instead of waiting
-
+    data = Data(labels, rewards, group_ids, mask, cu_seqlens, ref_logprobs)
+    opts = Options(group_size=group_size, beta=beta, reduction=reduction, ignore_index=_IGNORE_INDEX,
+                   backend="torch")
     if group_process_group is None:
-        lay, ranks = layout.build(labels, rewards, vocab_size=1, **build_args), None
+        lay, ranks = build_layout(1, data, opts), None
     else:
         device = next((t.device for t in (token_logprobs, rewards) if isinstance(t, torch.Tensor)),
                       torch.device("cpu"))
-        _, lay, ranks = distributed._prepare(1, device, "torch", labels, rewards, group_process_group, None,
-                                             beta if problem is None else 0.0, 1.0, build_args, problem)
+        call = distributed._prepare(1, device, data, opts, group_process_group, None, problem)
+        lay, ranks = call.lay, call.stage.ranks
     loss, seq_logprob, implicit_reward, grad_seq_logprob = LogprobGVPOLoss.apply(token_logprobs, lay, ranks,
                                                                                  float(beta))
     if not return_stats:
         return loss
     entropy = torch.zeros(0, dtype=torch.float32, device=loss.device)
-    return loss, GVPOStats(seq_logprob, implicit_reward, grad_seq_logprob, entropy)
+    return loss, GVPOStats(seq_logprob, implicit_reward, grad_seq_logprob, entropy, loss.detach(),
+                           torch.zeros((), dtype=torch.float32, device=loss.device))
 
 
 class LogprobGVPOLoss(torch.autograd.Function):
@@ -114,10 +117,11 @@ class LogprobGVPOLoss(torch.autograd.Function):
         scored = lay.target >= 0
         token_logprob = torch.where(scored, flat, torch.zeros_like(flat))  # padding may hold inf or NaN
         if ranks is None:
-            loss, *stats = torch_impl.group_stage(token_logprob, lay, beta)
+            group = torch_impl.group_stage(token_logprob, lay, beta)
         else:
-            loss, *stats = distributed.group_stage_across_ranks(token_logprob, lay, beta, ranks)
-        seq_logprob, implicit_reward, grad_seq_logprob = (x.float() for x in stats)
+            group = distributed.group_stage_across_ranks(token_logprob, lay, beta, ranks)
+        loss = group.loss
+        seq_logprob, implicit_reward, grad_seq_logprob = (x.float() for x in group[1:4])
         ctx.mark_non_differentiable(seq_logprob, implicit_reward, grad_seq_logprob)
         ctx.lay, ctx.shape, ctx.dtype = lay, token_logprobs.shape, token_logprobs.dtype
         ctx.save_for_backward(grad_seq_logprob)

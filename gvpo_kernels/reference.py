@@ -26,6 +26,9 @@ def gvpo_loss(
     ref_logprobs=None,
     beta=0.1,
     temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    entropy_coef=0.0,
     reduction="mean",
     ignore_index=-100,
     backend="auto",
@@ -37,7 +40,7 @@ def gvpo_loss(
     ``backend`` and ``inplace_backward`` are checked and otherwise ignored.
     """
     layout.check_options(beta=beta, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-                         backend=backend)
+                         backend=backend, softcap=softcap, logit_scale=logit_scale, entropy_coef=entropy_coef)
     layout.check_flag("inplace_backward", inplace_backward)
     layout.check_flag("return_stats", return_stats)
     vocab_size = layout.check_logits(logits, labels)
@@ -45,7 +48,7 @@ def gvpo_loss(
                  cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, ignore_index=ignore_index, reduction=reduction)
 
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    logprobs = torch.log_softmax(transformed(logits.to(dtype), softcap, logit_scale) / temperature, dim=-1)
 
     scored, token_logprob = _scored_logprobs(logprobs, labels, mask, ignore_index)
     if ref_logprobs is None:
@@ -63,7 +66,10 @@ def gvpo_loss(
         groups = group_ids
     rewards = rewards.detach().to(dtype)
 
-    loss = _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction)
+    gvpo = _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction)
+    # the entropy bonus: entropy_coef times the mean token entropy over the scored tokens of the call
+    bonus = entropy_coef * _token_entropy(logprobs)[scored].sum() / scored.sum().clamp(min=1)
+    loss = gvpo - bonus
     if not return_stats:
         return loss
 
@@ -76,14 +82,29 @@ def gvpo_loss(
         implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
         grad_seq_logprob=grad_s.float(),
         entropy=_mean_entropy(logprobs, scored, cu_seqlens).float(),
+        gvpo_loss=gvpo.detach().float(),
+        entropy_bonus=bonus.detach().float(),
     )
     return loss, stats
 
 
+def transformed(logits, softcap, logit_scale):
+    """The logits as the softmax sees them before the temperature: softcap * tanh(logits * logit_scale / softcap)
+    with a soft-cap (Gemma-2's final_logit_softcapping), else logits * logit_scale (Cohere's logit_scale)."""
+    if softcap is None:
+        return logits * logit_scale
+    return softcap * torch.tanh(logits * logit_scale / softcap)
+
+
+def _token_entropy(logprobs):
+    """-sum_v p_v log p_v of each position (-inf logits, p = 0, add 0 with a finite gradient)."""
+    probs = logprobs.exp()
+    return -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
 def _mean_entropy(logprobs, scored, cu_seqlens):
     """(S,) mean over each sequence's scored tokens of -sum_v p_v log p_v (0 for a sequence with none)."""
-    probs = logprobs.detach().exp()
-    entropy = -(probs * logprobs.detach().masked_fill(probs == 0, 0.0)).sum(-1)
+    entropy = _token_entropy(logprobs.detach())
     count = _per_sequence_sums(scored.to(entropy.dtype), cu_seqlens)
     return _per_sequence_sums(torch.where(scored, entropy, torch.zeros_like(entropy)), cu_seqlens) / count.clamp(min=1)
 
@@ -138,6 +159,9 @@ def linear_gvpo_loss(
     ref_logprobs=None,
     beta=0.1,
     temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    entropy_coef=0.0,
     reduction="mean",
     ignore_index=-100,
     backend="auto",
@@ -155,39 +179,39 @@ def linear_gvpo_loss(
         logits = logits + bias.to(dtype)
     return gvpo_loss(logits, labels, rewards, group_size=group_size, group_ids=group_ids, mask=mask,
                      cu_seqlens=cu_seqlens, ref_logprobs=ref_logprobs, beta=beta, temperature=temperature,
+                     softcap=softcap, logit_scale=logit_scale, entropy_coef=entropy_coef,
                      reduction=reduction, ignore_index=ignore_index, backend=backend, return_stats=return_stats)
 
 
-def token_logprobs(logits, labels, *, temperature=1.0, mask=None, cu_seqlens=None, ignore_index=-100,
-                   return_entropy=False, backend="auto"):
+def token_logprobs(logits, labels, *, temperature=1.0, softcap=None, logit_scale=1.0, mask=None, cu_seqlens=None,
+                   ignore_index=-100, return_entropy=False, backend="auto"):
     """Reference per-token log-probs (and entropy) from the full log-softmax; same signature and errors as
     :func:`gvpo_kernels.token_logprobs`. float32 math and outputs (float64 for float64 logits)."""
     layout.check_options(beta=None, temperature=temperature, reduction="mean", ignore_index=ignore_index,
-                         backend=backend)
+                         backend=backend, softcap=softcap, logit_scale=logit_scale)
     layout.check_flag("return_entropy", return_entropy)
     vocab_size = layout.check_logits(logits, labels)
     layout.token_targets(labels, vocab_size=vocab_size, mask=mask, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprobs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    logprobs = torch.log_softmax(transformed(logits.to(dtype), softcap, logit_scale) / temperature, dim=-1)
     scored, token_logprob = _scored_logprobs(logprobs, labels, mask, ignore_index)
     if not return_entropy:
         return token_logprob
-    probs = logprobs.exp()
-    # -inf logits: p = 0 adds 0 (masking the log-prob, not the product, keeps the gradient finite as well)
-    entropy = -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)
+    entropy = _token_entropy(logprobs)
     return token_logprob, torch.where(scored, entropy, torch.zeros_like(entropy))
 
 
-def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, mask=None, cu_seqlens=None,
-                          ignore_index=-100, return_entropy=False, backend="auto"):
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, softcap=None, logit_scale=1.0,
+                          mask=None, cu_seqlens=None, ignore_index=-100, return_entropy=False, backend="auto"):
     """Reference :func:`gvpo_kernels.linear_token_logprobs`: materialise the logits, then :func:`token_logprobs`."""
     layout.check_linear(hidden, weight, bias, labels)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    return token_logprobs(logits, labels, temperature=temperature, mask=mask, cu_seqlens=cu_seqlens,
-                          ignore_index=ignore_index, return_entropy=return_entropy, backend=backend)
+    return token_logprobs(logits, labels, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                          mask=mask, cu_seqlens=cu_seqlens, ignore_index=ignore_index, return_entropy=return_entropy,
+                          backend=backend)
 
 
 def gvpo_loss_from_logprobs(token_logprobs, rewards, *, mask=None, group_size=None, group_ids=None, cu_seqlens=None,
@@ -223,4 +247,6 @@ def gvpo_loss_from_logprobs(token_logprobs, rewards, *, mask=None, group_size=No
         (grad_s,) = torch.autograd.grad(_group_loss(s, a, rewards, groups, beta, reduction), s)
     return loss, GVPOStats(seq_logprob=seq_logprob.detach().float(),
                            implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
-                           grad_seq_logprob=grad_s.float(), entropy=torch.zeros(0, device=token_logprobs.device))
+                           grad_seq_logprob=grad_s.float(), entropy=torch.zeros(0, device=token_logprobs.device),
+                           gvpo_loss=loss.detach().float(),
+                           entropy_bonus=torch.zeros((), device=token_logprobs.device))

@@ -37,6 +37,9 @@ class Case:
     hidden_size: int = 0  # > 0: the linear path, hidden (..., H) and weight (V, H) instead of logits
     bias: bool = False  # linear path: with an LM-head bias
     scale: float = 2.0  # of the random logits (hidden states); above 2, confident rows: one clear winner per row
+    softcap: float | None = None  # the softmax sees softcap * tanh(logits * logit_scale / softcap) / T
+    logit_scale: float = 1.0
+    entropy_coef: float = 0.0  # an entropy bonus in the loss
     seed: int = 0
 
     def replace(self, **changes) -> "Case":
@@ -72,6 +75,14 @@ ONE_FACTOR_CHANGES = [
     dict(dtype=torch.float64),
     dict(ignore=True),
     dict(sliced=True),
+    # soft-capped and scaled logits (Gemma-2, Cohere, Granite), the entropy bonus
+    dict(softcap=30.0, scale=30.0),
+    dict(softcap=50.0, scale=30.0, temperature=0.3, dtype=torch.bfloat16),
+    dict(logit_scale=0.25),
+    dict(logit_scale=2.0, softcap=30.0, temperature=0.7),
+    dict(entropy_coef=0.05),
+    dict(entropy_coef=0.05, softcap=30.0, scale=30.0, temperature=0.3),
+    dict(entropy_coef=-0.02, anchor=False, reduction="sum"),
     # confident rows at small temperatures: p formed from each row's (shift, log_sum), never from one float32 lse
     dict(scale=30.0, temperature=1e-3),
     dict(scale=10.0, temperature=1e-2),
@@ -136,6 +147,9 @@ def make_inputs(case: Case, device) -> dict:
     rewards = torch.randn(num_seqs, generator=gen)
     rewards[: case.groups[0]] = 1.0  # one group whose rewards are all equal
     kwargs = dict(temperature=case.temperature, reduction=case.reduction, beta=case.beta, mask=mask)
+    for name in ("softcap", "logit_scale", "entropy_coef"):
+        if getattr(case, name) != getattr(Case(), name):
+            kwargs[name] = getattr(case, name)
 
     if case.shuffled or len(set(case.groups)) > 1:
         ids = torch.cat([torch.full((size,), 13 * g + 5) for g, size in enumerate(case.groups)])
@@ -232,7 +246,9 @@ def check_against_oracle(case: Case, backend: str, device) -> None:
 
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert grad.dtype == case.dtype and grad.shape == logits.shape
-    assert all(s.dtype == torch.float32 and s.shape == rewards.shape for s in stats)
+    assert all(s.dtype == torch.float32 and s.shape == rewards.shape for s in stats[:4])
+    assert stats.gvpo_loss.shape == stats.entropy_bonus.shape == ()
+    assert (stats.entropy_bonus == 0) == (case.entropy_coef == 0)
     if case.inplace:  # the logits were consumed: they now hold the gradient
         torch.testing.assert_close(fed.detach(), grad, rtol=0, atol=0)
     torch.testing.assert_close(logits.detach(), original, rtol=0, atol=0)

@@ -355,7 +355,7 @@ def test_empty_calls(backend, name):
     want = gk.reference.gvpo_loss(logits.double(), labels, rewards.double(), **kwargs)
     loss, grad, stats = run(gk.gvpo_loss, logits.requires_grad_(), labels, rewards, kwargs, backend=backend)
     assert torch.isfinite(loss) and abs(loss.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))
-    assert (grad == 0).all() and all(s.shape == rewards.shape for s in stats)
+    assert (grad == 0).all() and all(s.shape == rewards.shape for s in stats[:4])
 
     hidden_size = 6
     hidden = torch.randn(*labels.shape, hidden_size, device=DEVICE, requires_grad=True)

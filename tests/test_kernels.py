@@ -37,8 +37,14 @@ LINEAR_CASES = [LINEAR_BASE] + [LINEAR_BASE.replace(**change) for change in (
 
 def stats_kwargs(inputs, temperature=None):
     kw = inputs["kwargs"]
-    return dict(temperature=kw["temperature"] if temperature is None else temperature, mask=kw["mask"],
-                cu_seqlens=kw.get("cu_seqlens"))
+    out = dict(temperature=kw["temperature"] if temperature is None else temperature, mask=kw["mask"],
+               cu_seqlens=kw.get("cu_seqlens"))
+    out.update({k: kw[k] for k in ("softcap", "logit_scale") if k in kw})
+    return out
+
+
+def spec_of(kwargs) -> LogitSpec:
+    return LogitSpec(kwargs["temperature"], kwargs.get("softcap"), kwargs.get("logit_scale", 1.0))
 
 
 def targets(labels, vocab, kwargs):
@@ -107,7 +113,7 @@ def logits_stats(name, logits, target, spec, grads):
 def check_logits(name, logits, labels, kwargs, dtype, which="both"):
     target = targets(labels, logits.shape[-1], kwargs)
     grads = upstream(labels.shape, which)
-    stats, grad = logits_stats(name, logits.detach(), target, LogitSpec(kwargs["temperature"]), grads)
+    stats, grad = logits_stats(name, logits.detach(), target, spec_of(kwargs), grads)
     assert all(t.dtype == torch.float32 for t in stats) and grad.dtype == logits.dtype
     check_unscored(target, stats.logprob, stats.entropy, stats.norm.T, grad)
     want = oracle(gk.reference.token_logprobs, [logits], labels, kwargs, grads, torch.float64)
@@ -136,6 +142,30 @@ def test_logits_stats_of_confident_rows(backend, temperature, scale, which):
     inputs = make_inputs(Case(groups=(2, 2), seq_len=9, vocab=1000), DEVICE)
     logits = confident(inputs["logits"], scale)
     check_logits(backend, logits, inputs["labels"], stats_kwargs(inputs, temperature), torch.float32, which)
+
+
+SOFTCAPS = [dict(softcap=30.0), dict(softcap=50.0, temperature=0.3), dict(softcap=30.0, logit_scale=0.5),
+            dict(logit_scale=0.25), dict(logit_scale=3.0, temperature=0.7)]
+
+
+@pytest.mark.parametrize("transform", SOFTCAPS, ids=lambda d: "-".join(f"{k}{v:g}" for k, v in d.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_soft_capped_and_scaled_logits(backend, transform, dtype):
+    """Gemma-2's soft-cap (in the streaming pass, its derivative 1 - tanh^2 in the backward) and a logit scale, at
+    confident rows (logits up to ~30, so the cap bites): log-probs, entropies and both gradients."""
+    inputs = make_inputs(Case(groups=(2, 2), seq_len=9, vocab=1000, dtype=dtype), DEVICE)
+    kwargs = dict(stats_kwargs(inputs, transform.get("temperature", 1.0)),
+                  **{k: v for k, v in transform.items() if k != "temperature"})
+    check_logits(backend, confident(inputs["logits"], 30.0), inputs["labels"], kwargs, dtype)
+
+
+@pytest.mark.parametrize("transform", SOFTCAPS, ids=lambda d: "-".join(f"{k}{v:g}" for k, v in d.items()))
+def test_linear_soft_capped_and_scaled_logits(backend, transform, small_chunks_of):
+    small_chunks_of(backend)
+    inputs = make_inputs(Case(hidden_size=16, groups=(2, 3), seq_len=9, bias=True, scale=30.0), DEVICE)
+    inputs["kwargs"].update({k: v for k, v in transform.items() if k != "temperature"})
+    inputs["kwargs"]["temperature"] = transform.get("temperature", 1.0)
+    check_linear(backend, inputs, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -254,7 +284,7 @@ def check_linear(name, inputs, dtype, bias=None, temperature=None, which="both")
     labels = inputs["labels"]
     target = targets(labels, weight.shape[0], kwargs)
     grads = upstream(labels.shape, which)
-    stats, got = linear_stats(name, hidden, weight, bias, target, LogitSpec(kwargs["temperature"]), grads)
+    stats, got = linear_stats(name, hidden, weight, bias, target, spec_of(kwargs), grads)
     check_unscored(target, stats.logprob, stats.entropy)
     leaves = [hidden, weight, bias]
     want = oracle(gk.reference.linear_token_logprobs, leaves, labels, kwargs, grads, torch.float64)

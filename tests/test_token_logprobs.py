@@ -11,7 +11,7 @@ import gvpo_kernels as gk
 from gvpo_kernels import cpu
 
 CASES = [c for c in one_factor(Case(groups=(3, 2), seq_len=17, vocab=257))
-         if c.anchor and c.reduction == "mean" and c.beta == 0.1 and c.groups != (1,)]
+         if c.anchor and c.reduction == "mean" and c.beta == 0.1 and c.groups != (1,) and c.entropy_coef == 0]
 LINEAR_CASES = [c.replace(hidden_size=16, bias=c.layout == "packed") for c in CASES if c.vocab != 1]
 BACKENDS = ["torch", "cpu", "triton"]
 
@@ -23,7 +23,7 @@ def skip_unavailable(backend):
 
 def stats_kwargs(inputs):
     kw = inputs["kwargs"]
-    return {k: kw[k] for k in ("mask", "cu_seqlens", "temperature") if k in kw}
+    return {k: kw[k] for k in ("mask", "cu_seqlens", "temperature", "softcap", "logit_scale") if k in kw}
 
 
 def call(fn, leaves, labels, kwargs, entropy, upstream, dtype=None, **extra):
@@ -173,6 +173,11 @@ def test_linear_never_allocates_tokens_times_vocabulary(backend, entropy, monkey
     (dict(labels=torch.full((2, 3), 5)), ValueError, "labels"),
     (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
     (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softcap="30"), TypeError, "softcap"),
+    (dict(logit_scale=-1.0), ValueError, "logit_scale"),
+    (dict(logit_scale=1e30, temperature=1e-30), ValueError, "logit_scale / temperature"),
     (dict(return_entropy="yes"), TypeError, "return_entropy"),
     (dict(backend="gpu"), ValueError, "backend"),
     (dict(cu_seqlens=torch.tensor([0, 6])), ValueError, "cu_seqlens"),

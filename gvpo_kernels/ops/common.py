@@ -111,9 +111,10 @@ def num_seqs(data: Data) -> int:
 
 
 class Stage:
-    """The group stage of one process: token statistics -> (the statistics, GroupStats, every token's Coefs for
-    grad_loss = 1). distributed.py's stage, with the same call, combines vocabulary slices and centres groups
-    across ranks first. ``local``: no collective inside (the GEMM schedule may then call it once per chunk)."""
+    """The group stage of one process: token statistics -> (the statistics, GroupStats with the entropy bonus,
+    every token's Coefs for grad_loss = 1). distributed.py's stage, with the same call, combines vocabulary slices
+    and centres groups across ranks. ``local``: no collective inside (the GEMM schedule may then call it once per
+    chunk)."""
 
     local = True
 
@@ -123,30 +124,43 @@ class Stage:
     def group(self, stats: TokenStats) -> tuple[TokenStats, GroupStats]:
         return stats, self.impl.group_stage(stats.logprob, self.lay, self.opts.beta)
 
+    def scored_entropy(self, token_entropy: Tensor) -> Tensor:
+        """(2,) float64: the number of scored tokens and the sum of their entropies (over the call)."""
+        scored = self.lay.target >= 0
+        return torch.stack([scored.sum().double(), torch.where(scored, token_entropy, 0.0).sum().double()])
+
     def __call__(self, stats: TokenStats) -> tuple[TokenStats, GroupStats, Coefs]:
         stats, group = self.group(stats)
-        return stats, group, loss_coefs(self.lay, group.grad_seq_logprob, stats.entropy, self.opts)
+        opts, lay = self.opts, self.lay
+        zero = torch.zeros((), dtype=torch.float32, device=lay.target.device)
+        if opts.entropy_coef == 0.0:
+            return stats, group._replace(entropy_bonus=zero), loss_coefs(lay, group.grad_seq_logprob, None, opts)
+        count, total = self.scored_entropy(stats.entropy)
+        bonus = (opts.entropy_coef * total / count.clamp(min=1)).float()  # entropy_coef x the mean token entropy
+        group = group._replace(loss=group.loss - bonus, entropy_bonus=bonus)
+        return stats, group, loss_coefs(lay, group.grad_seq_logprob, stats.entropy, opts, count=count)
 
 
 def loss_coefs(lay: Layout, grad_seq_logprob: Tensor, token_entropy: Optional[Tensor], opts: Options,
-               scale: Tensor | float = 1.0) -> Coefs:
-    """The loss's per-token coefficients for grad_loss = ``scale``: c_lp[n] = scale * dL/ds[seq(n)] * s, and with
-    an entropy bonus c_ent[n] = -scale * entropy_coef * w[n] * s (w: each token's weight in the mean entropy),
-    0 where not scored."""
+               count: Optional[Tensor] = None) -> Coefs:
+    """The loss's per-token coefficients for grad_loss = 1: c_lp[n] = dL/ds[seq(n)] * s, and with an entropy bonus
+    c_ent[n] = -entropy_coef * s / count (the bonus is entropy_coef times the mean entropy over the ``count``
+    scored tokens of the call), 0 where not scored."""
     spec = opts.spec
     scored = lay.target >= 0
-    c_lp = torch.where(scored, grad_seq_logprob[lay.token_seq] * (scale * spec.s), 0.0).float().contiguous()
+    c_lp = torch.where(scored, grad_seq_logprob[lay.token_seq] * spec.s, 0.0).float().contiguous()
     if opts.entropy_coef == 0.0:
         return Coefs(c_lp)
-    w = entropy_weights(lay)
-    c_ent = torch.where(scored, w * (-opts.entropy_coef * scale * spec.s), 0.0).float().contiguous()
+    weight = (-opts.entropy_coef * spec.s / count.clamp(min=1)).float()
+    c_ent = torch.where(scored, weight, 0.0).float().contiguous()
     return Coefs(c_lp, c_ent, token_entropy)
 
 
-def entropy_weights(lay: Layout) -> Tensor:
-    """(N,) float32: each token's weight in the loss's mean token entropy, 1 / (scored tokens of the call)."""
-    scored = (lay.target >= 0).float()
-    return scored / scored.sum().clamp(min=1)
+def outputs(group: GroupStats, stats: TokenStats, call: "Call") -> tuple:
+    """A loss's outputs: loss, s, r, dL/ds, seq_entropy ((S,) with Options.entropy, else (0,)), entropy_bonus."""
+    seq_entropy = seq_mean(stats.entropy if call.opts.entropy else None, call.lay)
+    return (group.loss, group.seq_logprob, group.implicit_reward, group.grad_seq_logprob, seq_entropy,
+            group.entropy_bonus)
 
 
 def seq_mean(token_values: Optional[Tensor], lay: Layout) -> Tensor:

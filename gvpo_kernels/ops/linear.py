@@ -6,7 +6,7 @@ the gradients that will be needed, for grad_loss = 1; the backward scales them. 
 same shapes whichever schedule ran, and nothing N x V is ever kept.
 
     gvpo::linear_gvpo_loss(hidden, weight, bias, <Data>, grad_hidden, grad_weight, grad_bias, <Options>)
-        -> loss, s, r, dL/ds, seq_entropy, d_hidden, d_weight, d_bias ((0,) where not asked for)
+        -> loss, s, r, dL/ds, seq_entropy, entropy_bonus, d_hidden, d_weight, d_bias ((0,) where not asked for)
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from torch import Tensor
 
 from .. import layout, schedule
 from .common import (DATA_SCHEMA, Call, Data, Options, hand_out_once, no_double_backward, num_seqs, op_schema,
-                     own_precision, prepare, seq_mean)
+                     outputs, own_precision, prepare)
 
 
 def linear_gvpo_loss(hidden: Tensor, weight: Tensor, bias, data: Data, opts: Options):
-    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) and seq_entropy ((S,) with opts.entropy, else
-    (0,)) of the linear path (functional.linear_gvpo_loss documents the arguments). The gradients that will be
-    needed are computed in the forward."""
+    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,), seq_entropy ((S,) with opts.entropy, else
+    (0,)) and entropy_bonus () of the linear path (functional.linear_gvpo_loss documents the arguments). The
+    gradients that will be needed are computed in the forward."""
     data.check_kinds(hidden.device, opts.group_size)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     if torch.compiler.is_compiling():
-        return linear_loss_op(hidden, weight, bias, *data, *needs, *opts.args())[:5]
+        return linear_loss_op(hidden, weight, bias, *data, *needs, *opts.args())[:6]
     call = prepare(weight.shape[0], hidden.device, data, opts)
     return _LinearLoss.apply(hidden, weight, bias, call, needs)
 
@@ -41,8 +41,8 @@ def head_for_kernels(weight, bias):
 
 
 def forward(hidden, weight, bias, call: Call, needs):
-    """-> (loss, s, r, dL/ds, seq_entropy), and for grad_loss = 1 (d_hidden (hidden's shape), d_weight, d_bias),
-    each None where ``needs`` (three booleans) does not ask for it."""
+    """-> (loss, s, r, dL/ds, seq_entropy, entropy_bonus), and for grad_loss = 1 (d_hidden (hidden's shape),
+    d_weight, d_bias), each None where ``needs`` (three booleans) does not ask for it."""
     opts = call.opts
     needs = (needs[0], needs[1], needs[2] and bias is not None)
     weight, bias = head_for_kernels(weight, bias)
@@ -52,8 +52,7 @@ def forward(hidden, weight, bias, call: Call, needs):
         group, stats, grads = schedule.loss_and_grads(work, call.lay, call.stage, needs, opts.token_entropy,
                                                       local=call.stage.local)
     d_hidden = None if grads.hidden is None else grads.hidden.reshape(hidden.shape)
-    seq_entropy = seq_mean(stats.entropy if opts.entropy else None, call.lay)
-    return (*group, seq_entropy), (d_hidden, grads.weight, grads.bias)
+    return outputs(group, stats, call), (d_hidden, grads.weight, grads.bias)
 
 
 class _LinearLoss(torch.autograd.Function):
@@ -94,7 +93,7 @@ linear_loss_op = torch.library.custom_op(
     "gvpo::linear_gvpo_loss", _loss_op, mutates_args=(),
     schema=op_schema("Tensor hidden, Tensor weight, Tensor? bias, " + DATA_SCHEMA
                      + ", bool grad_hidden, bool grad_weight, bool grad_bias",
-                     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
+                     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
 
 
 @linear_loss_op.register_fake
@@ -106,13 +105,13 @@ def _(hidden, weight, bias, *args):
     grads = [like.new_empty(shape if need else (0,)) for like, shape, need in
              ((hidden, hidden.shape, needs[0]), (weight, weight.shape, needs[1]),
               (weight, weight.shape[:1], needs[2] and bias is not None))]
-    return (hidden.new_empty((), **f32), *per_seq, *grads)
+    return (hidden.new_empty((), **f32), *per_seq, hidden.new_empty((), **f32), *grads)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs other than the loss
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[5:])
+    ctx.save_for_backward(*output[6:])
     ctx.needs = inputs[9:12]
     ctx.num_inputs = len(inputs)
 

@@ -5,7 +5,8 @@ Forward: the backend's token stage (log-prob, normaliser, entropy per token; rea
 (one more read of N x V, one write). With ``inplace_backward`` (eager) the backward runs at the end of the forward,
 into the logits' own storage.
 
-    gvpo::gvpo_loss(logits, <Data>, <Options>) -> loss, s, r, dL/ds, seq_entropy, norm, target, c_lp, c_ent, H
+    gvpo::gvpo_loss(logits, <Data>, <Options>)
+        -> loss, s, r, dL/ds, seq_entropy, entropy_bonus, norm, target, c_lp, c_ent, H
     gvpo::gvpo_loss_backward(logits, target, norm, c_lp, c_ent, H, grad_loss, <Options>) -> dL/dlogits
 
 (c_ent and H are (0,) without an entropy bonus; seq_entropy is (0,) unless Options.entropy.)
@@ -20,16 +21,16 @@ from .. import layout
 from .._alloc import empty
 from ..backend import Coefs
 from .common import (DATA_SCHEMA, Call, Data, Options, hand_out_once, no_double_backward, num_seqs, op_schema,
-                     own_precision, prepare, scale_coefs, seq_mean)
+                     outputs, own_precision, prepare, scale_coefs)
 from .select import backend_for
 
 
 def gvpo_loss(logits: Tensor, data: Data, opts: Options, inplace_backward: bool):
-    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,) and seq_entropy ((S,) with opts.entropy, else
-    (0,)) of the logits path (functional.gvpo_loss documents the arguments)."""
+    """loss (), seq_logprob, implicit_reward, grad_seq_logprob (S,), seq_entropy ((S,) with opts.entropy, else
+    (0,)) and entropy_bonus () of the logits path (functional.gvpo_loss documents the arguments)."""
     data.check_kinds(logits.device, opts.group_size)
     if torch.compiler.is_compiling():
-        return logits_loss_op(logits, *data, *opts.args())[:5]
+        return logits_loss_op(logits, *data, *opts.args())[:6]
     call = prepare(logits.shape[-1], logits.device, data, opts)
     if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
         return _InplaceLogitsLoss.apply(logits, call)
@@ -37,14 +38,13 @@ def gvpo_loss(logits: Tensor, data: Data, opts: Options, inplace_backward: bool)
 
 
 def forward(logits: Tensor, call: Call):
-    """-> (loss, s, r, dL/ds, seq_entropy), norm (2, N), Coefs for grad_loss = 1, rows (the (B', T', V) view of
-    the logits the backend read)."""
+    """-> (loss, s, r, dL/ds, seq_entropy, entropy_bonus), norm (2, N), Coefs for grad_loss = 1, rows (the
+    (B', T', V) view of the logits the backend read)."""
     rows = layout.as_rows(logits)
     with own_precision(logits.device):
         stats = call.impl.token_forward(rows, call.lay.target, call.opts.spec, call.opts.token_entropy)
         stats, group, coefs = call.stage(stats)
-    seq_entropy = seq_mean(stats.entropy if call.opts.entropy else None, call.lay)
-    return (*group, seq_entropy), stats.norm, coefs, rows
+    return outputs(group, stats, call), stats.norm, coefs, rows
 
 
 def backward(logits: Tensor, target: Tensor, norm: Tensor, coefs: Coefs, impl, opts: Options) -> Tensor:
@@ -95,7 +95,7 @@ class _InplaceLogitsLoss(torch.autograd.Function):
             raise ValueError("inplace_backward=True needs logits whose elements do not share memory (these are an "
                              "expanded or overlapping view); pass logits.contiguous() or inplace_backward=False")
         outs, norm, coefs, rows = forward(logits, call)
-        stored_scale = _float16_headroom(outs[3], call.opts.spec.s, rows.dtype)
+        stored_scale = _float16_headroom(coefs, call.opts.spec, rows.dtype)
         with own_precision(logits.device):
             call.impl.token_backward(rows, call.lay.target, norm, scale_coefs(coefs, stored_scale), call.opts.spec,
                                      rows)
@@ -117,18 +117,21 @@ class _InplaceLogitsLoss(torch.autograd.Function):
         return grad.reshape(ctx.shape), None
 
 
-def _float16_headroom(grad_seq_logprob, s: float, dtype) -> Tensor:
+def _float16_headroom(coefs: Coefs, spec, dtype) -> Tensor:
     """The factor, a float32 scalar, by which inplace_backward stores dL/dlogits in the logits' storage: 1, or for
-    float16 the power of two (up to 2^24) that brings the largest possible entry, max |dL/ds| s, to 2^15.
+    float16 the power of two (up to 2^24) that brings the largest possible entry to 2^15.
 
-    Every entry is bounded by |dL/ds_i| s (|onehot - softmax| <= 1), so nothing overflows, and small entries keep
-    the bits they would lose at scale 1: the backward's multiplication by grad_loss / factor then gives what
-    rounding grad_loss * dL/dlogits to float16 once would, as PyTorch's float16 backward under loss scaling does.
-    Computed on the device (no sync)."""
-    one = torch.ones((), dtype=torch.float32, device=grad_seq_logprob.device)
-    if dtype != torch.float16 or grad_seq_logprob.numel() == 0:
+    Every entry is bounded by (|c_lp| + |c_ent| (1 + H)) max dz/dx of its row (|onehot - p| <= 1, p |log p| <= 1),
+    so nothing overflows, and small entries keep the bits they would lose at scale 1: the backward's
+    multiplication by grad_loss / factor then gives what rounding grad_loss * dL/dlogits to float16 once would, as
+    PyTorch's float16 backward under loss scaling does. Computed on the device (no sync)."""
+    one = torch.ones((), dtype=torch.float32, device=coefs.logprob.device)
+    if dtype != torch.float16 or coefs.logprob.numel() == 0:
         return one
-    peak = grad_seq_logprob.abs().max().float() * s
+    bound = coefs.logprob.abs()
+    if coefs.entropy is not None:
+        bound = bound + coefs.entropy.abs() * (1.0 + coefs.token_entropy.abs())
+    peak = bound.max() * (spec.max_dz_dx / spec.s)
     return torch.exp2(torch.floor(torch.log2(2.0**15 / peak)).clamp(0, 24))
 
 
@@ -147,7 +150,7 @@ def _loss_op(logits, *args):
 logits_loss_op = torch.library.custom_op(
     "gvpo::gvpo_loss", _loss_op, mutates_args=(),
     schema=op_schema("Tensor logits, " + DATA_SCHEMA, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-                     "Tensor, Tensor, Tensor)"))
+                     "Tensor, Tensor, Tensor, Tensor)"))
 
 
 @logits_loss_op.register_fake
@@ -157,7 +160,8 @@ def _(logits, *args):
     f32 = dict(dtype=torch.float32)
     bonus = n_tok if opts.entropy_coef != 0.0 else 0
     return (logits.new_empty((), **f32), *(logits.new_empty((n_seq,), **f32) for _ in range(3)),
-            logits.new_empty((n_seq if opts.entropy else 0,), **f32), logits.new_empty((2, n_tok), **f32),
+            logits.new_empty((n_seq if opts.entropy else 0,), **f32), logits.new_empty((), **f32),
+            logits.new_empty((2, n_tok), **f32),
             logits.new_empty((n_tok,), dtype=torch.int64), logits.new_empty((n_tok,), **f32),
             logits.new_empty((bonus,), **f32), logits.new_empty((bonus,), **f32))
 
@@ -165,7 +169,7 @@ def _(logits, *args):
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the outputs other than the loss get no gradient: no zeros for them
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(inputs[0], *output[5:])
+    ctx.save_for_backward(inputs[0], *output[6:])
     ctx.opts = Options.from_args(inputs[7:])
 
 

@@ -50,7 +50,9 @@ def xlogx_term(e, d):
 @triton.jit
 def tanh(x):
     """tanh in float32 on every target (Triton has no portable tanh): the odd Taylor polynomial of degree 15 where
-    |x| < 0.5 (relative error < 1e-8), else sign(x) (1 - 2 / (exp(2 |x|) + 1))."""
+    |x| < 0.5 (relative error < 1e-8), else sign(x) (1 - 2 / (exp(2 |x|) + 1)); |x| clamped at 20, where tanh is
+    1 in float32 (no inf arithmetic in the branch not taken)."""
+    x = tl.minimum(tl.maximum(x, -20.0), 20.0)
     a = tl.abs(x)
     u = x * x
     p = -0.00145583438705131826
@@ -73,8 +75,8 @@ def soft_cap(x, cap, cap_scale):
 
 @triton.jit
 def soft_cap_grad(y, cap, cap_scale):
-    """dy/dx at y = cap tanh(x cap_scale): cap cap_scale (1 - (y / cap)^2)."""
-    t = y / cap
+    """dy/dx at y = cap tanh(x cap_scale): cap cap_scale (1 - (y / cap)^2); 0 at y = -inf (a masked column)."""
+    t = tl.minimum(tl.maximum(y / cap, -1.0), 1.0)
     return (cap * cap_scale) * (1.0 - t * t)
 
 
