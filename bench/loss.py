@@ -20,6 +20,7 @@ import gvpo_kernels as gk
 
 from . import common as C
 from . import report
+from .floors import FLOOR_DEFINITION, floor_ms, measure_floors
 from .providers import CE, GRPO, GVPO, Provider, for_bench
 
 GRAD_NAMES = {"linear": ["d_hidden", "d_weight"], "logits": ["d_logits"]}
@@ -160,7 +161,7 @@ def _row(task: dict, status: str, reason: str, provider: Provider | None = None)
 def add_derived(rows: list[dict], shapes: dict, floors: dict, itemsize: int) -> None:
     """floor_ms, x_floor (time / floor) and x_eager (eager's time / this time, same path and shape)."""
     for row in rows:
-        row["floor_ms"] = C.floor_ms(shapes[(row["path"], row["shape"])], floors, itemsize)
+        row["floor_ms"] = floor_ms(shapes[(row["path"], row["shape"])], floors, itemsize)
         if row.get("time_ms") is not None:
             row["x_floor"] = row["time_ms"] / row["floor_ms"]
             eager = next((r for r in rows if r["path"] == row["path"] and r["shape"] == row["shape"]
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
         return check_only(providers, C.shapes_for(device, args.pairs), task_for, device)
     run = C.Run(args, f"bench, {len(providers)} providers", group_size=C.GROUP_SIZE, versions=C.versions(*C.PEERS),
                 check={"seqs": C.CHECK_SEQS, "max_len": C.CHECK_LEN, "tolerance": {cfg["dtype"]: C.TOLERANCE[
-                    C.DTYPES[cfg["dtype"]]]}}, floor_definition=C.FLOOR_DEFINITION)
+                    C.DTYPES[cfg["dtype"]]]}}, floor_definition=FLOOR_DEFINITION)
 
     def on_result(result):
         result["elapsed_s"] = round(run.elapsed(), 1)
@@ -237,8 +238,8 @@ def main(argv=None) -> int:
                 on_result(_row(task, "skipped", run.out_of_budget()))
             continue
         batch_shapes = [t["shape"] for t in batch]
-        if batch_shapes != last_shapes:  # the floors again, keeping the best (common.measure_floors)
-            C.measure_floors(batch_shapes, device, run.dtype, run.floors, reps=3)
+        if batch_shapes != last_shapes:  # the floors again, keeping the best (floors.py)
+            measure_floors(batch_shapes, device, run.dtype, run.floors, reps=3)
             last_shapes = batch_shapes
         if fresh:
             before = len(run.data["results"])
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
                                                                                          batch[0]["provider"]))))
             C.release(device)
     problem = report.plot(run.data, run.stem + ".png")
-    run.finish(report.markdown(run.data), f"{problem}\n" if problem else f"and {run.stem}.png; ")
+    run.finish(report.markdown(run.data), f" ({problem})" if problem else f", {run.stem}.png")
     return 0
 
 

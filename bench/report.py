@@ -7,6 +7,7 @@ import json
 import os
 
 from . import common as C
+from .floors import floors_line
 
 MEASURED = ("ok", "different loss")
 _fmt = C.fmt
@@ -60,7 +61,7 @@ def markdown(data: dict) -> str:
         lines += ["", "Not run on this device:"]
         lines += [f"- {provider} ({path}): {reason}" for (path, provider), reason in hidden.items()]
     if meta.get("floors"):
-        lines += ["", f"Floors (bench/README.md): {C.floors_line(meta['floors'])}."]
+        lines += ["", f"Floors (bench/README.md): {floors_line(meta['floors'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ import torch
 import gvpo_kernels as gk
 
 from . import common as C
+from .floors import floor_ms, floors_line, measure_floors
 from .providers import CHUNK_BYTES, Provider, for_bench
 
 OURS = "gvpo-auto"
@@ -155,7 +156,7 @@ def add_derived(rows: list[dict], shapes: dict, floors: dict, itemsize: int) -> 
     ours = {(r["path"], r["shape"], r["pass_"]): r for r in rows if r["provider"] == OURS}
     for row in rows:
         shape = shapes[(row["path"], row["shape"])]
-        full = C.floor_ms(shape, floors, itemsize)
+        full = floor_ms(shape, floors, itemsize)
         row["floor_ms"] = full if PASSES[row["pass_"]]["grad"] else full / (3 if shape["path"] == "linear" else 2)
         if row.get("time_ms") is None:
             continue
@@ -221,7 +222,7 @@ def markdown(data: dict) -> str:
     lines += ["", "rel. err: the largest relative error (log-prob, entropy, gradients) on the check-sized copy, "
                   f"against {OURS} ({OURS} itself: against the float64 reference). × ours: this provider's time "
                   f"or peak memory over {OURS}'s in the same pass (above 1: {OURS} is faster / smaller). "
-                  f"Floors (bench/README.md): {C.floors_line(meta['floors'])}."]
+                  f"Floors (bench/README.md): {floors_line(meta['floors'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
                          "status": "skipped", "reason": run.out_of_budget()} for p in here for name in passes])
             continue
         if last is not None and shape["path"] != last:  # the floors again, keeping the best
-            C.measure_floors([shape], device, run.dtype, run.floors, reps=3)
+            measure_floors([shape], device, run.dtype, run.floors, reps=3)
         last = shape["path"]
         on_results(measure_shape(here, dict(shape=shape, dtype=run.cfg["dtype"], device=device, passes=passes,
                                             seed=0, warmup_ms=25, **timing)))
