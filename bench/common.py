@@ -417,3 +417,11 @@ def notes_and_skipped(rows: list[dict], measured: tuple, key=lambda r: r["path"]
             if all(r["status"] not in measured for r in mine) and len({r.get("reason") for r in mine}) == 1:
                 out[(group, provider)] = f"{mine[0]['status']}: {mine[0].get('reason')}"
     return out
+
+
+def footer(notes: list[str], hidden: dict) -> list[str]:
+    """The lines under a table: numbered notes, then the providers that ran nowhere (notes_and_skipped)."""
+    out = [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []
+    if hidden:
+        out += ["", "Not run on this device:"] + [f"- {p} ({path}): {why}" for (path, p), why in hidden.items()]
+    return out

@@ -257,16 +257,12 @@ def main(argv=None) -> int:
 
 
 def check_only(providers: list[Provider], shapes: list[dict], task_for, device: str) -> int:
-    """Every provider's check at each head (H, V) of the run, nothing timed; a table; 1 on a mismatch or failure."""
-    heads = {(s["path"], s["hidden"], s["vocab"]): s for s in shapes}
+    """Every provider's check at each head (H, V) of the run, nothing timed; 1 on a mismatch or failure."""
     rows = []
-    for shape in heads.values():
+    for shape in {(s["path"], s["hidden"], s["vocab"]): s for s in shapes}.values():
         for provider in (p for p in providers if p.path == shape["path"]):
-            r = measure(task_for(shape, provider), provider)
-            errors = {k: v for k, v in r.get("errors", {}).items() if k in ("loss", *GRAD_NAMES[r["path"]])}
-            rows.append(r)
-            print(f"{r['path']:6} {r['shape']:30} {r['provider']:20} {r['status']:14} "
-                  f"{C.fmt(max(errors.values()) if errors else None, 2):8} {r['reason']}", flush=True)
+            rows.append(measure(task_for(shape, provider), provider))
+            _progress(rows[-1], 0)
     bad = [r for r in rows if r["status"] in ("mismatch", "failed")]
     print(f"{len(rows)} checks on {device}: {sum(r['status'] in report.MEASURED for r in rows)} passed, "
           f"{len(bad)} failed, {sum(r['status'] == 'skipped' for r in rows)} skipped")
@@ -274,8 +270,9 @@ def check_only(providers: list[Provider], shapes: list[dict], task_for, device: 
 
 
 def _progress(r: dict, elapsed: float) -> None:
-    figures = ""
+    errors = [v for k, v in (r.get("errors") or {}).items() if k in ("loss", *GRAD_NAMES[r["path"]])]
+    figures = f"check {max(errors):.2g}" if errors else ""
     if r.get("time_ms") is not None:
-        figures = f"{r['time_ms']:.3g} ms, {r['peak_mib']:.4g} MiB, x{r.get('x_floor', 0):.3g} floor"
+        figures += f", {r['time_ms']:.3g} ms, {r['peak_mib']:.4g} MiB, x{r.get('x_floor', 0):.3g} floor"
     print(f"[{elapsed:6.0f} s] {r['path']:6} {r['shape']:32} {r['provider']:20} {r['status']:14} {figures} "
           f"{r['reason'] if r['status'] not in report.MEASURED else ''}", flush=True)

@@ -10,13 +10,6 @@ from . import common as C
 from .floors import floors_line
 
 MEASURED = ("ok", "different loss")
-_fmt = C.fmt
-
-
-def _status(row: dict) -> str:
-    if row["status"] == "different loss":
-        return f"different loss ({row['computes'].upper()})"
-    return row["status"]
 
 
 def _max_error(row: dict):
@@ -31,35 +24,24 @@ def ordered(data: dict) -> list[dict]:
 
 
 def markdown(data: dict) -> str:
-    """The results table, then the providers that did not run, each with its reason."""
+    """The results table, then the footnotes and the providers that did not run, each with its reason."""
     meta, rows = data["meta"], ordered(data)
+    v, hidden, notes, table = meta["versions"], C.notes_and_skipped(rows, MEASURED), [], []
+    for row in (r for r in rows if (r["path"], r["provider"]) not in hidden):
+        status = f"different loss ({row['computes'].upper()})" if row["status"] == "different loss" else row["status"]
+        note = row["reason"] if row["status"] not in MEASURED else row.get("retried_after")
+        if note:
+            notes.append(f"{row['provider']} ({row['path']}, {row['shape']}): " + (
+                note if row["status"] not in MEASURED else f"measured on a second try, after {note}"))
+            status += f"{', retried' if row['status'] in MEASURED else ''} [{len(notes)}]"
+        table.append([row["path"], row["shape"], row["provider"], status]
+                     + [C.fmt(row.get(k), d) for k, d in (("time_ms", 3), ("x_eager", 2), ("peak_mib", 3),
+                                                          ("floor_ms", 3), ("x_floor", 2))] + [C.fmt(_max_error(row), 2)])
     lines = [f"{meta['device_name']} ({meta['device']}), {meta['date']}, {meta['dtype']}, groups of "
-             f"{meta['group_size']}; torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, "
-             f"gvpo-kernels {meta['versions']['gvpo-kernels']}" + (" (--quick)" if meta.get("quick") else ""),
-             "",
-             "| path | shape | provider | status | fwd+bwd ms | × eager | peak MiB | floor ms | × floor | rel. err |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    hidden = C.notes_and_skipped(rows, MEASURED)
-    footnotes = []
-    for row in rows:
-        if (row["path"], row["provider"]) in hidden:
-            continue
-        status = _status(row)
-        if row["status"] not in MEASURED and row["reason"]:
-            footnotes.append(f"{row['provider']} ({row['path']}, {row['shape']}): {row['reason']}")
-            status += f" [{len(footnotes)}]"
-        elif row.get("retried_after"):
-            footnotes.append(f"{row['provider']} ({row['path']}, {row['shape']}): measured on a second try, after "
-                             f"{row['retried_after']}")
-            status += f", retried [{len(footnotes)}]"
-        lines.append(f"| {row['path']} | {row['shape']} | {row['provider']} | {status} | {_fmt(row.get('time_ms'))} | "
-                     f"{_fmt(row.get('x_eager'), 2)} | {_fmt(row.get('peak_mib'))} | {_fmt(row.get('floor_ms'))} | "
-                     f"{_fmt(row.get('x_floor'), 2)} | {_fmt(_max_error(row), 2)} |")
-    if footnotes:
-        lines += [""] + [f"[{i}] {note}" for i, note in enumerate(footnotes, 1)]
-    if hidden:
-        lines += ["", "Not run on this device:"]
-        lines += [f"- {provider} ({path}): {reason}" for (path, provider), reason in hidden.items()]
+             f"{meta['group_size']}; torch {v['torch']}, triton {v['triton']}, gvpo-kernels {v['gvpo-kernels']}"
+             + (" (--quick)" if meta.get("quick") else ""), ""]
+    lines += C.md_table(["path", "shape", "provider", "status", "fwd+bwd ms", "× eager", "peak MiB", "floor ms",
+                         "× floor", "rel. err"], table, 4) + C.footer(notes, hidden)
     if meta.get("floors"):
         lines += ["", f"Floors (bench/README.md): {floors_line(meta['floors'])}."]
     return "\n".join(lines) + "\n"

@@ -216,9 +216,7 @@ def markdown(data: dict) -> str:
                      + [C.fmt(max(errors.values()) if errors else None, 2)])
     lines += C.md_table(["path", "shape", "pass", "provider", "status", "ms", "× ours (time)", "peak MiB",
                          "× ours (memory)", "floor ms", "× floor", "rel. err"], table, 5)
-    lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)] if notes else []
-    if hidden:
-        lines += ["", "Not run on this device:"] + [f"- {p} ({path}): {why}" for (path, p), why in hidden.items()]
+    lines += C.footer(notes, hidden)
     lines += ["", "rel. err: the largest relative error (log-prob, entropy, gradients) on the check-sized copy, "
                   f"against {OURS} ({OURS} itself: against the float64 reference). × ours: this provider's time "
                   f"or peak memory over {OURS}'s in the same pass (above 1: {OURS} is faster / smaller). "
