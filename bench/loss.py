@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import traceback
 
 import torch
@@ -258,11 +259,11 @@ def main(argv=None) -> int:
 
 def check_only(providers: list[Provider], shapes: list[dict], task_for, device: str) -> int:
     """Every provider's check at each head (H, V) of the run, nothing timed; 1 on a mismatch or failure."""
-    rows = []
+    rows, start = [], time.perf_counter()
     for shape in {(s["path"], s["hidden"], s["vocab"]): s for s in shapes}.values():
         for provider in (p for p in providers if p.path == shape["path"]):
             rows.append(measure(task_for(shape, provider), provider))
-            _progress(rows[-1], 0)
+            _progress(rows[-1], time.perf_counter() - start)
     bad = [r for r in rows if r["status"] in ("mismatch", "failed")]
     print(f"{len(rows)} checks on {device}: {sum(r['status'] in report.MEASURED for r in rows)} passed, "
           f"{len(bad)} failed, {sum(r['status'] == 'skipped' for r in rows)} skipped")
