@@ -78,15 +78,16 @@ def rel_err(got, want) -> float:
 
 
 def check(path: str, backend: str, full: dict, seqs, vocab_slice, group_pg, vocab_pg, reduction: str,
-          anchor: bool = True) -> None:
-    """This rank's loss and gradients against the single-process oracle on the full problem."""
+          anchor: bool = True, **extra) -> None:
+    """This rank's loss and gradients against the single-process oracle on the full problem; ``extra``: more
+    options for both (softcap, logit_scale, entropy_coef)."""
     lo, hi = vocab_slice
     ref_kwargs = dict(mask=full["mask"], group_ids=full["group_ids"], reduction=reduction, temperature=0.8,
-                      ref_logprobs=full["ref_logprobs"] if anchor else None)
+                      ref_logprobs=full["ref_logprobs"] if anchor else None, **extra)
     sparse_ids = torch.tensor([-5, 10**12, 7, 0])[full["group_ids"]]  # any int64 ids work across ranks
     mine = dict(mask=full["mask"][seqs], group_ids=sparse_ids[seqs], reduction=reduction, temperature=0.8,
                 ref_logprobs=full["ref_logprobs"][seqs] if anchor else None, group_process_group=group_pg,
-                vocab_process_group=vocab_pg, backend=backend)
+                vocab_process_group=vocab_pg, backend=backend, **extra)
     labels, rewards = full["labels"], full["rewards"]
     if path == "logits":
         oracle = full["logits"].double().requires_grad_()
@@ -119,7 +120,9 @@ def check(path: str, backend: str, full: dict, seqs, vocab_slice, group_pg, voca
                  ("d_bias", d_bias, leaves[2].grad[lo:hi])]
     assert abs(got.item() - want.item()) <= TOLERANCE * abs(want.item()) + 1e-7, (path, got.item(), want.item())
     # the per-sequence statistics of this rank's sequences, the entropy over the whole vocabulary included
-    pairs += [(name, got_stat, want_stat[seqs]) for name, got_stat, want_stat in zip(stats._fields, stats, want_stats)]
+    pairs += [(name, got_stat, want_stat[seqs]) for name, got_stat, want_stat in zip(stats._fields[:4], stats,
+                                                                                      want_stats)]
+    pairs += [(name, getattr(stats, name), getattr(want_stats, name)) for name in ("gvpo_loss", "entropy_bonus")]
     for name, g, w in pairs:
         assert rel_err(g, w) <= TOLERANCE, (path, backend, name, rel_err(g, w))
 
@@ -150,6 +153,10 @@ def run_splits(rank: int, world: int, init_file: str, backend: str) -> None:
             vocab = uneven_vocab if world == 2 else even_vocab
             check(path, backend, masked_slice(full, *vocab[0]), torch.arange(9), vocab[rank], None, everyone,
                   "mean")
+            # a soft-capped, scaled head and an entropy bonus (its mean over every rank's scored tokens)
+            transform = dict(softcap=3.0, logit_scale=1.5, entropy_coef=0.05)
+            check(path, backend, full, split[rank], (0, 37), everyone, None, "mean", **transform)
+            check(path, backend, full, torch.arange(9), even_vocab[rank], None, everyone, "sum", **transform)
     else:  # world 4: data-parallel pairs {0, 1}, {2, 3}; vocabulary pairs {0, 2}, {1, 3}
         dp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         tp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]

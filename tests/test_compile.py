@@ -136,8 +136,9 @@ def test_ops_pass_opcheck(backend):
                     kw["ref_logprobs"])
     hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]
     logits = torch.randn(inputs["labels"].numel(), 64, requires_grad=True)
-    for entropy in (False, True):
-        opts = ops.Options(group_size=kw.get("group_size"), temperature=0.8, backend=backend, entropy=entropy)
+    for entropy, extra in ((False, {}), (True, dict(softcap=20.0, entropy_coef=0.1))):
+        opts = ops.Options(group_size=kw.get("group_size"), temperature=0.8, backend=backend, entropy=entropy,
+                           **extra)
         torch.library.opcheck(ops_linear.linear_loss_op, (hidden, weight, bias, *data, True, True, True,
                                                           *opts.args()))
         torch.library.opcheck(ops_linear.linear_loss_op, (hidden, weight, None, *data, False, True, False,
@@ -147,7 +148,7 @@ def test_ops_pass_opcheck(backend):
         torch.library.opcheck(ops_stats.token_stats_op, (logits, *stats_args))
         torch.library.opcheck(ops_stats.linear_stats_op, (hidden, weight, bias, *stats_args))
     outs = ops_logits.logits_loss_op(logits.detach(), *data, *opts.args())
-    torch.library.opcheck(ops_logits.logits_backward_op, (logits.detach(), outs[6], outs[5], *outs[7:],
+    torch.library.opcheck(ops_logits.logits_backward_op, (logits.detach(), outs[7], outs[6], *outs[8:],
                                                           torch.tensor(1.5), *opts.args()))
     logprob, entropy, norm, target = ops_stats.token_stats_op(logits.detach(), *stats_args)
     grads = (torch.randn(logprob.shape), torch.randn(entropy.shape))
