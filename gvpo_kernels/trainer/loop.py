@@ -45,7 +45,15 @@ class Trainer:
         torch.manual_seed(parallel.rank_seed(cfg.seed, world.rank))
         random.seed(parallel.rank_seed(cfg.seed, world.rank))
         load = partial(load_policy, device=device, seed=cfg.seed, attn_implementation=cfg.attn_implementation)
-        model, self.tokenizer = load(str(plan.resume_from) if plan.resume_from else cfg.model)
+        if plan.resume_from:
+            try:
+                model, self.tokenizer = load(str(plan.resume_from))
+            except Exception as err:  # damaged weights (the sizes in run.json matched): one line, not a traceback
+                text = str(err).splitlines()[0] if str(err) else ""
+                raise checkpoint.CheckpointError(f"resume: cannot load the model in {str(plan.resume_from)!r} "
+                                                 f"({type(err).__name__}: {text})") from None
+        else:
+            model, self.tokenizer = load(cfg.model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.stop_ids = eos_ids(model, self.tokenizer)
@@ -146,8 +154,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run ``cfg`` (from its checkpoint with ``cfg.resume``) on this process, or on every process torchrun
     started; return the metrics of every step, resumed or run (rank 0; the other ranks get [])."""
     world = parallel.world_from_env()
-    device = parallel.rank_device(cfg.device, world)
-    plan = checks.prepare(cfg, world, device)  # ConfigError before anything is loaded or written
+    device = checks.device_for(cfg, world)  # ConfigError before anything is loaded or written
+    plan = checks.prepare(cfg, world, device)
     created = parallel.init(world, device)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or (1 if cfg.model is None else threads))
@@ -169,7 +177,7 @@ def _train(cfg: TrainConfig, world: parallel.World, device: torch.device, plan: 
     trainer = Trainer(cfg, world, device, plan)
     log = None
     if world.main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        checkpoint.write_synced(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         log = report.MetricsLog(out / "metrics.jsonl", trainer.start)
     if trainer.start == 0:
         if world.main:

@@ -29,17 +29,19 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_synced
+
 
 class MetricsLog:
-    """Appends one line per step to ``path``; when resuming at ``start_step``, drops lines past it first."""
+    """Appends one line per step to ``path``; when resuming at ``start_step``, drops lines past it first (and a
+    torn last line), rewriting the file atomically."""
 
     def __init__(self, path: Path, start_step: int):
         self.path = Path(path)
         kept = []
         if start_step > 0 and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [m for m in read_metrics(self.path) if m["step"] <= start_step]
+        write_synced(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -47,8 +49,22 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list[dict]:
-    """Every line of a metrics.jsonl."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Every step's line of a metrics.jsonl. A last line that is not complete JSON (a run killed while writing it)
+    is dropped; ValueError naming the line for any other line that is not a JSON object with a "step"."""
+    lines = [(number, line) for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    metrics = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}: line {number} is not a metrics record (a JSON object with a 'step')")
+        metrics.append(record)
+    return metrics
 
 
 def peak_memory_mb(device: torch.device) -> float:
