@@ -84,6 +84,14 @@ def prepare(cfg: TrainConfig, world: World, device: torch.device) -> Plan:
     if cfg.fsdp and world.size == 1:
         raise ConfigError("fsdp: shards the model over several processes; start them with torchrun "
                           "--nproc-per-node N (one process runs without it)")
+    if cfg.replay_groups % world.size or cfg.replay_groups and cfg.replay_capacity % world.size:
+        raise ConfigError(f"replay: --replay-groups {cfg.replay_groups} and --replay-size {cfg.replay_capacity} "
+                          f"must be multiples of the {world.size} processes (each rank keeps and draws its share of "
+                          "its own groups)")
+    if cfg.rollout_lag and cfg.fsdp:
+        raise ConfigError("rollout_lag: not with --fsdp (the lagged copy and its snapshots are whole models on "
+                          "every rank, which a model that needs FSDP does not fit); use DDP, or an asynchronous "
+                          "rollout engine (TRL, verl)")
     check_backend(cfg.backend, device)
     check_model(cfg.model)
     try:
@@ -91,6 +99,8 @@ def prepare(cfg: TrainConfig, world: World, device: torch.device) -> Plan:
         check_fields(reward_fn, cfg.reward, rows)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
+    if cfg.demos:
+        check_demonstrations(rows, cfg.data)
     check_output_dir(cfg.output_dir)
     resume_from = check_resume(cfg, warn=world.main) if cfg.resume else check_fresh(cfg)
     if cfg.model is not None and world.main:
@@ -147,6 +157,20 @@ def check_model(name: Optional[str]) -> None:
     for key in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, key, None) not in (None, 1.0):
             raise ConfigError(f"model: {name!r}'s config sets {key}, which the linear GVPO loss does not apply")
+
+
+def check_demonstrations(rows: list[dict], data: Optional[str]) -> None:
+    """--demos needs a non-empty string 'demonstration' in at least one row, and nothing else there."""
+    where = data or "the built-in task"
+    found = 0
+    for i, row in enumerate(rows):
+        if "demonstration" in row:
+            if not isinstance(row["demonstration"], str) or not row["demonstration"]:
+                raise ConfigError(f"demos: {where}: row {i + 1}'s 'demonstration' must be a non-empty string, got "
+                                  f"{row['demonstration']!r}")
+            found += 1
+    if not found:
+        raise ConfigError(f"demos: no row of {where} has a 'demonstration' (a completion text) to add to its group")
 
 
 def check_output_dir(output_dir: str) -> None:

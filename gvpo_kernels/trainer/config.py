@@ -68,6 +68,19 @@ class TrainConfig:
                              "decoder layer) instead of DDP: for a model whose weights, gradients and AdamW state do "
                              "not fit one device")
 
+    # off-policy samples: GVPO's loss needs no importance weight (see the trainer's README)
+    replay_groups: int = _opt(0, "groups drawn each step from the replay buffer of earlier steps' groups and trained "
+                                 "with the fresh ones (rewards as scored then, anchor computed now), over all ranks; "
+                                 "a multiple of the number of processes (0 = off)")
+    replay_size: Optional[int] = _opt(None, "replay buffer capacity in groups, first in first out, over all ranks; "
+                                            "default: 4 steps' groups (4 * prompts_per_step)")
+    demos: bool = _opt(False, "add each data row's 'demonstration' (a completion text; the built-in task has one) to "
+                              "its group as one more member, scored by the reward and anchored like the others")
+    rollout_lag: int = _opt(0, "sample with the policy as it was this many optimizer updates ago (an asynchronous "
+                               "rollout engine's staleness), while the anchor and update are as configured; keeps "
+                               "that many weight snapshots in host memory and a second copy of the model on the "
+                               "device (0 = off)")
+
     # machine
     seed: int = _opt(0, "seed of the model's initialisation, the prompt order and the sampling")
     device: Optional[str] = _opt(None, "torch device; default: cuda when available, else cpu")
@@ -94,6 +107,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def replay_capacity(self) -> int:
+        """The replay buffer's capacity in groups, over all ranks."""
+        return self.replay_size if self.replay_size is not None else 4 * self.prompts_per_step
+
 
 # -------------------------------------------------------------------------------------------- the checks
 # (name, lowest, highest, why): every int setting; None = unbounded on that side. An Optional one may be None.
@@ -103,6 +121,7 @@ INT_RANGES = (
     ("update_epochs", 1, None, ""), ("micro_batch_groups", 1, None, ""), ("grad_accum", 1, None, ""),
     ("warmup_steps", 0, None, ""), ("seed", 0, SEED_MAX, ""), ("threads", 1, None, ""),
     ("save_every", 0, None, " (0 = only at the end)"), ("num_samples", 0, None, ""),
+    ("replay_groups", 0, None, " (0 = off)"), ("replay_size", 1, None, ""), ("rollout_lag", 0, None, " (0 = off)"),
 )
 # (name, lowest, highest, lowest excluded, why): every float setting, each also finite
 FLOAT_RANGES = (
@@ -167,6 +186,11 @@ def check(cfg: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must not be empty")
     if cfg.resume is not None and not cfg.resume.strip():
         raise ValueError("--resume must name a checkpoint directory or 'latest', got ''")
+    if cfg.replay_size is not None and cfg.replay_groups == 0:
+        raise ValueError(f"--replay-size {cfg.replay_size} without --replay-groups: nothing is drawn from the buffer")
+    if cfg.replay_groups > cfg.replay_capacity:
+        raise ValueError(f"--replay-groups {cfg.replay_groups} is more than the buffer holds (--replay-size "
+                         f"{cfg.replay_capacity}{'' if cfg.replay_size else ', the default'})")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume continues the run in output_dir, "
                          "overwrite deletes it")

@@ -41,6 +41,7 @@ def build_model(tokenizer, seed: int, attn_implementation: str = "sdpa") -> Llam
 
 
 def task_rows() -> list[dict]:
-    """The built-in task: every ``"a+b="`` with a, b in 0..MAX_OPERAND, answer ``str(a + b)``."""
-    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)}
+    """The built-in task: every ``"a+b="`` with a, b in 0..MAX_OPERAND, answer ``str(a + b)``; its demonstration
+    (for ``--demos``) is the answer as the policy would write it, the digit then EOS."""
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), "demonstration": str(a + b)}
             for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
