@@ -95,7 +95,7 @@ def prepare(cfg: TrainConfig, world: World, device: torch.device) -> Plan:
     check_backend(cfg.backend, device)
     check_model(cfg.model)
     try:
-        rows, reward_fn = load_rows(cfg.data), load_reward(cfg.reward)
+        rows, reward_fn = load_rows(cfg.data, cfg.demos), load_reward(cfg.reward)
         check_fields(reward_fn, cfg.reward, rows)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
