@@ -149,6 +149,10 @@ def test_rows_without_a_demonstration_keep_groups_of_k(tmp_path, recorder):
     batch = recorder[0]["batch"]
     assert sorted(batch.sizes) == [4, 5] and batch.group_size is None  # the loss then takes group ids
     assert (batch.source == DEMO).sum() == 1
+    # one prompt a step: one step has its demonstration, the other none at all
+    metrics = train(config(tmp_path / "one", steps=2, prompts_per_step=1, demos=True, data=str(data)))
+    assert sorted(r["batch"].sizes for r in recorder[1:]) == [(4,), (5,)]
+    assert sorted(m["members_demo"] for m in metrics) == [0, 1]
 
 
 def test_groups_of_different_sizes_give_the_loss_of_each_group_alone():

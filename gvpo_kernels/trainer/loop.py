@@ -1,5 +1,7 @@
 """train(config): the GVPO loop. Each step samples k completions for each of its prompts, scores them, records the
-anchor log-probs and updates the policy; metrics, samples, checkpoints and the plot go to ``output_dir``.
+anchor log-probs and updates the policy; metrics, samples, checkpoints and the plot go to ``output_dir``. With the
+off-policy options (offpolicy.py) the sampler may be a stale copy of the policy, and the groups trained on may
+also hold a demonstration or come from a replay buffer.
 
 On several processes (torchrun) each rank does this for its share of the step's prompts, the gradients are
 averaged over ranks (parallel.py says why that is the mean over all groups), and rank 0 writes every file."""
@@ -127,8 +129,8 @@ class Trainer:
         more member (--demos), then the groups drawn from the replay buffer (--replay-groups), which this step's
         sampled groups then join. Returns (that batch, the replayed groups)."""
         groups = split_groups(sampled, step)
-        if self.cfg.demos:
-            have = [row for row in rows if "demonstration" in row]
+        have = [row for row in rows if "demonstration" in row] if self.cfg.demos else []
+        if have:
             tokens = [demonstration_tokens(self.tokenizer, row["demonstration"], self.stop_ids[0]) for row in have]
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
             rewards = score(self.reward_fn, self.cfg.reward, [r["prompt"] for r in have], texts, have)
