@@ -161,6 +161,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     jobs = [(mode, seed) for seed in args.seeds for mode in args.modes]
     print(f"{len(jobs)} runs of {args.steps} steps, {args.jobs} at a time -> {out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -176,7 +177,6 @@ def main(argv=None) -> None:
     text = table(results, args.modes)
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     meta = {"command": " ".join([Path(sys.executable).name, "scripts/offpolicy.py", *(argv or sys.argv[1:])]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit.stdout.strip(), "torch": torch.__version__, "python": platform.python_version(),
