@@ -3,10 +3,12 @@ replayed, carry a demonstration, or were sampled by a stale policy? (issue 22; t
 results and what they mean.)
 
     .venv/bin/python scripts/offpolicy.py                      # 5 modes x 3 seeds, 600 updates each, 2 at a time
+    .venv/bin/python scripts/offpolicy.py --anchor ref --out bench/results/offpolicy/anchor-ref --no-keep
     .venv/bin/python scripts/offpolicy.py --modes on-policy lag-16 --seeds 0 --steps 100 --out /tmp/x   # a quick look
 
 Each run is ``python -m gvpo_kernels.trainer`` with the default settings (the tiny model, the addition task, 16
-prompts x 8 completions a step, one optimizer update a step, the "old" anchor) plus the mode's flags:
+prompts x 8 completions a step, one optimizer update a step, the "old" anchor unless --anchor ref) plus the
+mode's flags:
 
     on-policy   nothing
     replay      --replay-groups 8 (half the step's groups) from the last 4 steps' groups (--replay-size 64)
@@ -51,12 +53,12 @@ WINDOW = 20  # steps of the moving average that "updates to 0.5" reads
 EVAL_SAMPLES = 32
 
 
-def run(mode: str, seed: int, steps: int, out: Path) -> dict:
+def run(mode: str, seed: int, steps: int, anchor: str, out: Path) -> dict:
     """One training run in its own process; its per-step rewards and wall time."""
     directory = out / "runs" / f"{mode}-seed{seed}"
     command = [sys.executable, "-m", "gvpo_kernels.trainer", "--output-dir", str(directory), "--seed", str(seed),
-               "--steps", str(steps), "--overwrite", "--no-progress", "--no-plot", "--num-samples", "0",
-               *MODES[mode]]
+               "--steps", str(steps), "--anchor", anchor, "--overwrite", "--no-progress", "--no-plot",
+               "--num-samples", "0", *MODES[mode]]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -124,7 +126,7 @@ def table(results: list[dict], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], modes: list[str], path: Path) -> None:
+def plot(results: list[dict], modes: list[str], anchor: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +145,7 @@ def plot(results: list[dict], modes: list[str], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax.set_title("GVPO on the built-in addition task: on-policy, replay, demonstrations, stale rollouts")
+    ax.set_title(f"GVPO on the built-in task, --anchor {anchor}: on-policy, replay, demos, stale rollouts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -155,6 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (the machine has 2 cores)")
+    parser.add_argument("--anchor", default="old", choices=["old", "ref"], help="the runs' --anchor")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "offpolicy"))
     parser.add_argument("--no-keep", dest="keep", action="store_false", help="delete each run's directory")
     args = parser.parse_args(argv)
@@ -165,7 +168,7 @@ def main(argv=None) -> None:
     jobs = [(mode, seed) for seed in args.seeds for mode in args.modes]
     print(f"{len(jobs)} runs of {args.steps} steps, {args.jobs} at a time -> {out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: run(*job, args.steps, out), jobs))
+        results = list(pool.map(lambda job: run(*job, args.steps, args.anchor, out), jobs))
     for result in results:
         result.update(evaluate(Path(result["dir"]) / f"checkpoint-{args.steps}"))
         result.update(summary(result))
@@ -181,14 +184,14 @@ def main(argv=None) -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit.stdout.strip(), "torch": torch.__version__, "python": platform.python_version(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "jobs": args.jobs, "steps": args.steps,
-            "seeds": args.seeds, "modes": {m: MODES[m] for m in args.modes}, "wall_s": total,
+            "seeds": args.seeds, "anchor": args.anchor, "modes": {m: MODES[m] for m in args.modes}, "wall_s": total,
             "eval_samples_per_prompt": EVAL_SAMPLES, "moving_average_window": WINDOW}
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
     (out / "results.md").write_text(
-        f"# Off-policy GVPO on the built-in task\n\n`{meta['command']}` (commit {meta['commit']}, {meta['date']}, "
+        f"# Off-policy GVPO on the built-in task, --anchor {args.anchor}\n\n`{meta['command']}` (commit {meta['commit']}, {meta['date']}, "
         f"torch {meta['torch']}, {meta['machine']}, {args.jobs} runs at a time, {total:.0f} s in all)\n\n"
         f"Each cell: the mean over seeds {', '.join(map(str, args.seeds))}, then each seed's figure.\n\n{text}\n")
-    plot(results, args.modes, out / "rewards.png")
+    plot(results, args.modes, args.anchor, out / "rewards.png")
     print(text)
     print(f"{total:.0f} s; {out / 'results.json'}, {out / 'results.md'}, {out / 'rewards.png'}")
 
