@@ -111,7 +111,8 @@ def table(results: list[dict], modes: list[str]) -> str:
         if not values:
             return "-"
         mean = sum(values) / len(values)
-        return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+        each = ", ".join(f"{v:.{digits}f}" for v in values)
+        return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ({each})"
 
     lines = ["| mode | reward, last 10% of steps | updates to 0.5 | final policy reward | prompts solved (of 25) "
              "| wall time, s |", "|---|---|---|---|---|---|"]
@@ -188,7 +189,8 @@ def main(argv=None) -> None:
             "eval_samples_per_prompt": EVAL_SAMPLES, "moving_average_window": WINDOW}
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1) + "\n")
     (out / "results.md").write_text(
-        f"# Off-policy GVPO on the built-in task, --anchor {args.anchor}\n\n`{meta['command']}` (commit {meta['commit']}, {meta['date']}, "
+        f"# Off-policy GVPO on the built-in task, --anchor {args.anchor}\n\n"
+        f"`{meta['command']}` (commit {meta['commit']}, {meta['date']}, "
         f"torch {meta['torch']}, {meta['machine']}, {args.jobs} runs at a time, {total:.0f} s in all)\n\n"
         f"Each cell: the mean over seeds {', '.join(map(str, args.seeds))}, then each seed's figure.\n\n{text}\n")
     plot(results, args.modes, args.anchor, out / "rewards.png")
