@@ -125,9 +125,10 @@ def test_a_leftover_partial_save_is_ignored_and_overwrite_removes_it(run, base):
     resumed = train(config(run, resume="latest"))
     assert strip(resumed) == strip(base[1]) and not (run / "checkpoint-3.partial").exists()
     shutil.copytree(run / "checkpoint-3", run / "checkpoint-9.partial")
-    assert "checkpoint-9.partial" in checks.previous_run(str(run))
+    (run / ".metrics.jsonl.tmp").write_text("{")  # a run killed while rewriting its metrics
+    assert {"checkpoint-9.partial", ".metrics.jsonl.tmp"} <= set(checks.previous_run(str(run)))
     checks.clear(str(run))
-    assert not list(run.glob("checkpoint-*"))
+    assert not list(run.glob("checkpoint-*")) and not (run / ".metrics.jsonl.tmp").exists()
 
 
 def test_a_checkpoint_from_before_run_json_listed_files_still_resumes(run, base):

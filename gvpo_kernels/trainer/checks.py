@@ -195,8 +195,9 @@ def previous_run(output_dir: str) -> list[str]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or checkpoint.NAME.fullmatch(p.name)
-                  or checkpoint.LEFTOVER.fullmatch(p.name))
+    leftovers = {f".{name}.tmp" for name in RUN_FILES}  # checkpoint.write_synced's, from a run killed in it
+    return sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or p.name in leftovers
+                  or checkpoint.NAME.fullmatch(p.name) or checkpoint.LEFTOVER.fullmatch(p.name))
 
 
 def check_fresh(cfg: TrainConfig) -> None:
