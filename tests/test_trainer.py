@@ -336,7 +336,9 @@ def test_reward_from_a_file_path(tmp_path):
 def test_a_pretrained_model_with_the_demo_task_defaults_is_warned_about(tmp_path):
     from gvpo_kernels.trainer import checks, parallel
 
-    cfg = TrainConfig(model="some/model", output_dir=str(tmp_path))
+    tokenizer = tiny.build_tokenizer()
+    tiny.build_model(tokenizer, seed=0).save_pretrained(tmp_path / "model")  # a saved model: checked, not loaded
+    cfg = TrainConfig(model=str(tmp_path / "model"), output_dir=str(tmp_path / "out"))
     with pytest.warns(UserWarning, match=r"built-in addition task .*--lr 1e-3, --max-new-tokens 3: the tiny demo"):
         checks.prepare(cfg, parallel.World(), torch.device("cpu"))
 

@@ -5,7 +5,8 @@ computes the one-process update on the whole batch, then takes its share of the 
 through DDP and through FSDP2; loss, logged statistics and every gradient must match the one-process ones.
 
 run_train: gvpo-train's loop on the ranks: a run, the same run resumed from its middle checkpoint (identical
-metrics), and that checkpoint resumed with FSDP.
+metrics), and that checkpoint resumed with FSDP; then a run with replay, demonstrations and a lagged sampler,
+resumed from its middle checkpoint too, recording what each rank held.
 """
 
 import datetime
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gvpo_kernels.trainer import TrainConfig, parallel, tiny, train, update
+from gvpo_kernels.trainer import TrainConfig, loop, parallel, tiny, train, update
 from gvpo_kernels.trainer.models import eos_ids
 from gvpo_kernels.trainer.rollout import sample
 
@@ -114,4 +115,26 @@ def run_train(rank: int, world_size: int, init_file: str, out: str) -> None:
         (out / "metrics.json").write_text(json.dumps({"full": full, "sharded": sharded}))
     else:
         assert full == resumed == sharded == []
+
+    # off-policy: 2 of the 4 groups of a step replayed (1 per rank, from its own buffer of 2), a demonstration per
+    # group, sampling 2 updates behind; each rank records the prompts it sampled at each step
+    options = dict(replay_groups=2, replay_size=4, demos=True, rollout_lag=2)
+    sampled = []
+    real_mix = loop.Trainer.mix
+
+    def recording_mix(self, batch, rows, step):
+        sampled.append([row["prompt"] for row in rows])
+        return real_mix(self, batch, rows, step)
+
+    loop.Trainer.mix = recording_mix
+    offpolicy = train(config(out / "offpolicy", **options))
+    if world.main:
+        shutil.rmtree(out / "offpolicy" / "checkpoint-4")
+    dist.barrier()
+    again = train(config(out / "offpolicy", resume="latest", **options))
+    loop.Trainer.mix = real_mix
+    prompts = parallel.gather_objects(sampled[:4], world)  # the first (uninterrupted) run's steps
+    if world.main:
+        assert strip(again) == strip(offpolicy)
+        (out / "offpolicy.json").write_text(json.dumps({"metrics": offpolicy, "prompts": prompts}))
     finish()

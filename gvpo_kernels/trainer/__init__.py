@@ -5,8 +5,8 @@
     metrics = train(TrainConfig(steps=50, output_dir="out/run"))      # list of per-step metric dicts
 
 Files: config (TrainConfig), cli (gvpo-train), checks (everything checked before a model loads), loop (train),
-parallel (torchrun: DDP / FSDP2, sums over ranks), rollout, rewards, update, data, models, tiny (the embedded
-default), checkpoint, report. Needs the ``train`` extra (transformers, tqdm, matplotlib).
+parallel (torchrun: DDP / FSDP2, sums over ranks), rollout, rewards, update, offpolicy (replay buffer,
+demonstrations, lagged sampler), data, models, tiny (the embedded default), checkpoint, report. Needs the ``train`` extra (transformers, tqdm, matplotlib).
 """
 
 from .config import TrainConfig

@@ -14,10 +14,11 @@ from pathlib import Path
 from . import tiny
 
 
-def load_rows(path: str | None) -> list[dict]:
-    """The rows of the JSONL file at ``path`` (one JSON object per line, blank lines skipped), or the built-in task."""
+def load_rows(path: str | None, demonstrations: bool = False) -> list[dict]:
+    """The rows of the JSONL file at ``path`` (one JSON object per line, blank lines skipped), or the built-in task
+    (with its demonstrations when ``demonstrations``)."""
     if path is None:
-        return tiny.task_rows()
+        return tiny.task_rows(demonstrations)
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"data: no such file {path!r}")

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import logging
 
 from . import tiny
 
@@ -44,8 +45,15 @@ def load_policy(name_or_path: str | None, device: torch.device, *, seed: int, at
         model = tiny.build_model(tokenizer, seed, attention_kernel(device, attn_implementation))
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch.float32, attn_implementation=attention_kernel(device, attn_implementation))
+        bar_was_on = logging.is_progress_bar_enabled()
+        if bar_was_on:
+            logging.disable_progress_bar()  # transformers' "Loading weights" bar: noise before the run's own
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch.float32, attn_implementation=attention_kernel(device, attn_implementation))
+        finally:
+            if bar_was_on:
+                logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     stop_ids = eos_ids(model, tokenizer)

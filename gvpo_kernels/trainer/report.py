@@ -3,22 +3,31 @@
 Fields of a metrics line:
 
     step             rollout steps done (1-based)
-    reward_mean      mean reward of the step's S = G * k completions
+    reward_mean      mean reward of the step's G * k sampled completions (not replayed ones, not demonstrations)
     reward_std       their standard deviation
     loss             GVPO loss (mean over groups), averaged over the step's optimizer steps
     implicit_reward  mean r_i = beta * (s_i - a_i) (0 on the first pass with the 'old' anchor)
     kl               mean s_i - a_i: the sequence log-ratio of policy and anchor during the update, whose mean
                      over samples of the policy estimates KL(policy || anchor) (0 on the first pass with 'old')
     entropy          mean entropy (nats) of the policy's next-token distribution at the sampling temperature,
-                     over the scored completion tokens, before the update (with the 'ref' anchor: from the
-                     loss's own statistics, GVPOStats.entropy, in the update's first pass over each micro-batch)
+                     over the scored tokens of the sampled completions, before the update (with the 'ref' anchor:
+                     from the loss's own statistics, GVPOStats.entropy, in the update's first pass)
     grad_seq_abs     mean |dL/ds_i|: the per-sequence scale of the gradient
-    completion_len   mean completion length in tokens (EOS included)
+    completion_len   mean length in tokens of the sampled completions (EOS included)
     grad_norm        gradient norm before clipping, averaged over the step's optimizer steps
     lr               learning rate after the step
     tokens_per_s     prompt + completion tokens of the step / step_time
     step_time        seconds for the step: rollout, rewards, anchor and update
     peak_mem_mb      CUDA: peak allocated memory during the step; CPU: the process's peak resident memory
+    groups_sampled   groups sampled at this step (prompts_per_step)
+    groups_replayed  groups drawn from the replay buffer (--replay-groups; 0 while it is empty)
+    members_sampled, members_replayed, members_demo
+                     the members trained on, by origin (sampled now, replayed, demonstrations)
+    sampler_lag      optimizer updates between the weights that sampled this step and the policy's (--rollout-lag;
+                     below it at the start of a run)
+    reward_replayed  mean reward of the replayed members (with --replay-groups; null when none)
+    replay_age       mean steps since the replayed groups were sampled (with --replay-groups; null when none)
+    reward_demo      mean reward of the demonstrations (with --demos)
 """
 
 from __future__ import annotations
@@ -29,17 +38,19 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_synced
+
 
 class MetricsLog:
-    """Appends one line per step to ``path``; when resuming at ``start_step``, drops lines past it first."""
+    """Appends one line per step to ``path``; when resuming at ``start_step``, drops lines past it first (and a
+    torn last line), rewriting the file atomically."""
 
     def __init__(self, path: Path, start_step: int):
         self.path = Path(path)
         kept = []
         if start_step > 0 and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [m for m in read_metrics(self.path) if m["step"] <= start_step]
+        write_synced(self.path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -47,8 +58,22 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list[dict]:
-    """Every line of a metrics.jsonl."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Every step's line of a metrics.jsonl. A last line that is not complete JSON (a run killed while writing it)
+    is dropped; ValueError naming the line for any other line that is not a JSON object with a "step"."""
+    lines = [(number, line) for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    metrics = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}: line {number} is not a metrics record (a JSON object with a 'step')")
+        metrics.append(record)
+    return metrics
 
 
 def peak_memory_mb(device: torch.device) -> float:

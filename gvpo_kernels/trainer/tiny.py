@@ -40,7 +40,9 @@ def build_model(tokenizer, seed: int, attn_implementation: str = "sdpa") -> Llam
         return LlamaForCausalLM(config)
 
 
-def task_rows() -> list[dict]:
-    """The built-in task: every ``"a+b="`` with a, b in 0..MAX_OPERAND, answer ``str(a + b)``."""
-    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)}
+def task_rows(demonstrations: bool = False) -> list[dict]:
+    """The built-in task: every ``"a+b="`` with a, b in 0..MAX_OPERAND, answer ``str(a + b)``; with
+    ``demonstrations`` (``--demos``), each row's ``demonstration`` too: the answer as the policy would write it (the
+    trainer adds the EOS)."""
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), **({"demonstration": str(a + b)} if demonstrations else {})}
             for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]

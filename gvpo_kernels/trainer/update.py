@@ -74,9 +74,11 @@ def gvpo_loss(model, rollout: Rollout, *, beta: float, temperature: float, backe
     dtype = loss_dtype(hidden, head)
     bias = None if head.bias is None else head.bias.to(dtype)
     labels = rollout.completion_ids.masked_fill(~rollout.completion_mask, -100)
+    k = rollout.group_size  # groups of different sizes (a demonstration in some) go by group ids
+    groups = {"group_size": k} if k is not None else {"group_ids": rollout.group_ids()}
     return linear_gvpo_loss(hidden.to(dtype), head.weight.to(dtype), labels, rollout.rewards, bias=bias,
-                            group_size=rollout.group_size, mask=rollout.completion_mask, ref_logprobs=rollout.anchor,
-                            beta=beta, temperature=temperature, backend=backend, return_stats=True)
+                            mask=rollout.completion_mask, ref_logprobs=rollout.anchor, beta=beta,
+                            temperature=temperature, backend=backend, return_stats=True, **groups)
 
 
 def optimizer_steps_per_rollout(num_groups: int, micro_batch_groups: int | None, grad_accum: int,
@@ -88,7 +90,7 @@ def optimizer_steps_per_rollout(num_groups: int, micro_batch_groups: int | None,
 
 def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, temperature: float, backend: str,
            update_epochs: int, micro_batch_groups: int | None, grad_accum: int, max_grad_norm: float,
-           autocast, world: parallel.World = parallel.World()) -> dict:
+           autocast, world: parallel.World = parallel.World(), before_step=None) -> dict:
     """Train ``policy`` (a :class:`Policy`, or DDP / FSDP of one) on ``rollout`` (rewards and anchor set; with
     several ranks, this rank's groups, as many on every rank): ``update_epochs`` passes, each cut into
     micro-batches of ``micro_batch_groups`` whole groups, ``grad_accum`` micro-batches per optimizer step (each
@@ -96,10 +98,14 @@ def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, tempe
     gradients are averaged over ranks on the last micro-batch only, which with equal shares makes it the mean over
     every rank's groups).
 
+    ``before_step()`` is called before each optimizer step (the lagged sampler keeps the weights it is about to
+    change).
+
     Returns means over the step and every rank: loss, implicit_reward (r_i), kl (s_i - a_i), grad_seq_abs
-    (|dL/ds_i| of the loss each optimizer step minimises) and grad_norm (before clipping); and this rank's
-    entropy_sum, the sum over its scored tokens of the policy's entropy in the first pass (``GVPOStats.entropy``,
-    from the loss's own pass over the head).
+    (|dL/ds_i| of the loss each optimizer step minimises) and grad_norm (before clipping); this rank's
+    entropy_sum, the sum over the scored tokens of its members sampled at this step (``rollout.sampled()``) of
+    the policy's entropy in the first pass (``GVPOStats.entropy``, from the loss's own pass over the head); and
+    optimizer_steps, how many it made.
     """
     num_groups = rollout.num_groups
     size = micro_batch_groups or num_groups
@@ -123,10 +129,12 @@ def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, tempe
                     (loss * weight).backward()
                 step_loss += loss.item() * weight
                 if epoch == 0:
-                    entropy_sum += (stats.entropy * part.completion_mask.sum(1)).sum().item()
+                    entropy_sum += (stats.entropy * part.completion_mask.sum(1) * part.sampled()).sum().item()
                 implicit.append(stats.implicit_reward.detach())
                 grad_seq.append(stats.grad_seq_logprob.abs() * weight)
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+            if before_step is not None:
+                before_step()
             optimizer.step()
             scheduler.step()
             losses.append(step_loss)
@@ -137,4 +145,4 @@ def update(policy, optimizer, scheduler, rollout: Rollout, *, beta: float, tempe
         world, implicit.device)
     return {"loss": loss_sum / world.size, "grad_norm": sum(norms) / len(norms),
             "implicit_reward": implicit_sum / count, "kl": implicit_sum / beta / count,
-            "grad_seq_abs": grad_seq_sum / count, "entropy_sum": entropy_sum}
+            "grad_seq_abs": grad_seq_sum / count, "entropy_sum": entropy_sum, "optimizer_steps": len(norms)}
