@@ -1,16 +1,19 @@
-"""Every Triton kernel compiled ahead of time to cubin for sm_80 and sm_90 with the installed Triton, no GPU needed.
+"""Every Triton kernel compiled ahead of time with the installed Triton for nine targets, no GPU needed: sm_80, sm_86,
+sm_89, sm_90, sm_100, sm_120 (cubin, through the bundled ptxas) and gfx90a, gfx942, gfx950 (hsaco, through the LLVM
+in Triton), each planned for the Device that GPU reports (plan.device_for: SM / CU count, shared memory per block).
 
 tests/aot.py compiles the launchers' own plans (tests/aot_cases.py: logits path and group stage; tests/aot_linear.py:
 linear path) for real model shapes, in a child process without TRITON_INTERPRET (conftest.py turns the interpreter
-on here, and interpreted kernels cannot be compiled). ``pytest -s`` shows its table. Fails on a compile error, on a
-spill in a bf16 kernel (or in any logits / group kernel), and where the logits kernels' row loads and stores are not
-16 bytes wide.
+on here, and interpreted kernels cannot be compiled). ``pytest -s`` shows its target x kernel table. Fails, per
+target, on: a compile error; shared memory / LDS above that target's per-block limit; a spill in a bf16 kernel (or
+in any logits / group kernel); a bf16 linear tile without that target's tensor-core instructions (aot.MMA:
+mma.sync, wgmma, tcgen05, mfma); and where the logits kernels' row loads and stores are not 16 bytes wide.
 
 The plan tests below run without the compiler: plans are pure (meta tensors in), never depend on N or T through a
 constexpr, and refuse a tensor that a kernel would misread through a raw pointer (a strided or stride-0 view).
 
 The contract with tests/aot_linear.py: ``linear_plans(device) -> list[Plan]`` with a distinct label per plan, and
-optionally ``check(label, arch, props)``, called for each compiled linear plan with its properties (the dict that
+optionally ``check(label, target, props)``, called for each compiled linear plan with its properties (the dict that
 tests/aot.py's ``compile_plan`` returns), raising AssertionError when a property is not what it should be.
 """
 
@@ -120,6 +123,100 @@ def test_entropy_plans_refuse_a_per_token_tensor_they_would_misread(field, view)
                                  token_entropy=args["token_entropy"])
 
 
+@pytest.mark.parametrize("target", aot.TARGETS)
+def test_device_facts_of_each_target(target):
+    """The Device a target's GPU reports: vendor, architecture, SM / CU count and shared memory per block (what
+    the plans are sized from), with the warp width that follows from the architecture."""
+    from gvpo_kernels.triton.plan import ARCHITECTURES, device_for
+
+    dev = device_for(target)
+    gpu, sm_count, shared = ARCHITECTURES[target]
+    assert (dev.name, dev.sm_count, dev.shared_memory) == (target, sm_count, shared)
+    assert dev.vendor == ("hip" if target.startswith("gfx") else "cuda")
+    assert dev.warp_size == (64 if target.startswith("gfx9") else 32)
+    assert shared >= (64 << 10)
+
+
+def _fake_gpu(monkeypatch, hip, **props):
+    """torch.cuda.get_device_properties answering with ``props`` (a CUDA or a ROCm build's fields)."""
+    from types import SimpleNamespace
+
+    from gvpo_kernels.triton import plan
+
+    plan._gpu_device.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(**props))
+    monkeypatch.setattr(torch.version, "hip", hip)
+    return plan
+
+
+def test_device_of_reads_a_cuda_gpus_properties(monkeypatch):
+    plan = _fake_gpu(monkeypatch, None, major=12, minor=0, multi_processor_count=170,
+                     shared_memory_per_block=49152, shared_memory_per_block_optin=101376, gcnArchName="NVIDIA")
+    try:
+        dev = plan.device_of(torch.device("cuda", 0))
+        assert (dev.vendor, dev.arch, dev.sm_count, dev.shared_memory) == ("cuda", 120, 170, 101376)
+        assert plan.mma_kind(dev) == "mma.sync"
+    finally:
+        plan._gpu_device.cache_clear()
+
+
+def test_device_of_reads_a_rocm_gpus_properties(monkeypatch):
+    """ROCm: torch says "cuda"; the architecture is gcnArchName's first field; an older torch has no opt-in field
+    and an LDS in shared_memory_per_block."""
+    plan = _fake_gpu(monkeypatch, "6.4", major=9, minor=4, multi_processor_count=304,
+                     shared_memory_per_block=65536, gcnArchName="gfx942:sramecc+:xnack-")
+    try:
+        dev = plan.device_of(torch.device("cuda", 0))
+        assert (dev.vendor, dev.arch, dev.sm_count, dev.shared_memory, dev.warp_size) == ("hip", "gfx942", 304,
+                                                                                         65536, 64)
+    finally:
+        plan._gpu_device.cache_clear()
+
+
+def test_device_of_falls_back_to_the_table_without_a_shared_memory_field(monkeypatch):
+    plan = _fake_gpu(monkeypatch, "6.2", major=9, minor=5, multi_processor_count=256, gcnArchName="gfx950")
+    try:
+        assert plan.device_of(torch.device("cuda", 0)).shared_memory == 160 << 10
+    finally:
+        plan._gpu_device.cache_clear()
+
+
+@pytest.mark.parametrize("target", aot.TARGETS)
+def test_linear_plans_fit_each_target(target):
+    """Tiles within the shared memory, no TF32 anywhere (refused on gfx90a / gfx950, and fp32 must not use it)."""
+    from gvpo_kernels.triton import linear
+    from gvpo_kernels.triton.plan import _tile_shared_bytes
+
+    dev = aot.device(target)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for store in (False, True):
+            config = linear.tile_config(dtype, 4096, dev, store=store)
+            assert config["DOT_PRECISION"] == "ieee"
+            assert _tile_shared_bytes(config, torch.empty((), dtype=dtype).element_size(), dev) <= dev.shared_memory
+            assert ("maxnreg" in config) == (target == "sm_100" and dtype != torch.float32)
+
+
+def test_linear_plans_shrink_to_a_small_shared_memory():
+    """A GPU with less shared memory than its family's rule needs gets fewer stages, then a shallower H step."""
+    from gvpo_kernels.triton import linear
+    from gvpo_kernels.triton.plan import Device, _tile_shared_bytes
+
+    for shared in (40 << 10, 20 << 10):
+        dev = Device(arch=90, sm_count=132, shared_memory=shared)
+        config = linear.tile_config(torch.bfloat16, 4096, dev)
+        assert _tile_shared_bytes(config, 2, dev) <= shared and config["num_stages"] >= 2
+    assert linear.tile_config(torch.bfloat16, 4096, Device(arch=90, sm_count=1, shared_memory=20 << 10))["BLOCK_H"] < 64
+
+
+@pytest.mark.parametrize("target", ["sm_90", "gfx942"])
+def test_row_kernels_move_16_bytes_per_thread_whatever_the_warp_width(target):
+    """AMD CDNA's warps are 64 threads: the same block on half the warps keeps 16 bytes per thread."""
+    dev = aot.device(target)
+    for itemsize, per_thread in ((2, 8), (4, 4)):
+        params = logprob.block_params(152064, itemsize, logprob.FWD_VECTORS, dev)
+        assert params["BLOCK_V"] // (params["num_warps"] * dev.warp_size) == per_thread
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # compiled
 
@@ -130,7 +227,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "aot.py"), "--json", str(out), "--jobs", "2"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1800)
     print(proc.stdout)
     if not out.exists():
         pytest.fail(f"tests/aot.py wrote no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
@@ -141,41 +238,73 @@ def _results(compiled, source):
     return [r for r in compiled["results"] if r["source"] == source]
 
 
+def _where(r) -> str:
+    return f"{r['target']} {r['label']}"
+
+
 @needs_compiler
 def test_every_kernel_compiles(compiled):
-    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in compiled["results"] if not r["ok"]]
+    failed = [f"{_where(r)}: {r['error']}" for r in compiled["results"] if not r["ok"]]
     assert not failed, "\n".join(failed)
-    assert {r["arch"] for r in compiled["results"]} == set(aot.TARGETS)
+    assert {r["target"] for r in compiled["results"]} == set(aot.TARGETS)
+
+
+@needs_compiler
+def test_shared_memory_fits_each_target(compiled):
+    """Shared memory (NVIDIA) / LDS (AMD) of every kernel within what one block may use on that target: more is an
+    OutOfResources at the first launch (gfx942's 64 KB against the 96 KB that sm_90's 4 stages take)."""
+    over = [f"{_where(r)}: {r['smem']} > {r['smem_limit']} bytes" for r in compiled["results"]
+            if r["ok"] and r["smem"] > r["smem_limit"]]
+    assert not over, "\n".join(over)
 
 
 @needs_compiler
 def test_no_spills(compiled):
-    """No spill in a bf16 kernel; none in the logits and group kernels at any dtype."""
-    spilled = [f"sm_{r['arch']} {r['label']}: {r['spill_st']}/{r['spill_ld']} B"
+    """No spill in a bf16 kernel; none in the logits and group kernels at any dtype (NVIDIA: ptxas's spill bytes;
+    AMD: spilled VGPRs / SGPRs and scratch)."""
+    spilled = [f"{_where(r)}: {r['spill_st']}/{r['spill_ld']}+{r['scratch']}"
                for r in compiled["results"] if r["ok"] and ("bf16" in r["pointers"] or r["source"] != "linear")
-               and (r["spill_st"] is None or r["spill_st"] + r["spill_ld"] > 0)]
+               and (r["spill_st"] is None or r["spill_st"] + r["spill_ld"] + r["scratch"] > 0)]
     assert not spilled, "\n".join(spilled)
+
+
+@needs_compiler
+def test_linear_tiles_use_each_targets_tensor_cores(compiled):
+    """A bf16 logits tile runs on the target's own matrix instructions (aot.MMA), never on FMA, and on nothing else:
+    wgmma only on sm_90, tcgen05 only on sm_100, mma.sync on sm_80-89 and sm_120, mfma on AMD CDNA."""
+    from gvpo_kernels.triton.plan import mma_kind
+
+    bad = [f"{_where(r)}: {r['mma']}, want {aot.MMA[r['target']]}" for r in _results(compiled, "linear")
+           if r["ok"] and "bf16" in r["pointers"] and not r["label"].startswith("linear_grad_from_exp")
+           and r["mma"] != aot.MMA[r["target"]]]
+    assert not bad, "\n".join(bad)
+    assert {t: mma_kind(aot.device(t)) for t in aot.TARGETS} == aot.MMA
 
 
 @needs_compiler
 def test_logits_rows_move_in_16_byte_vectors(compiled):
     """Where a row starts 16-byte aligned (V a multiple of 8), every load and store of logits and gradients is
-    16 bytes wide. What remains narrower is one value per row: the forward's int64 target (8 bytes) and its two
-    (three with entropy) float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and grad_loss
-    (4 bytes); with entropy, its target (8 bytes), lse, entropy, c_lp and c_ent (4 bytes)."""
+    16 bytes wide. On NVIDIA, what remains narrower is one value per row: the forward's int64 target (8 bytes) and
+    its two (three with entropy) float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and
+    grad_loss (4 bytes); with entropy, its target (8 bytes), lse, entropy, c_lp and c_ent (4 bytes). On AMD the
+    per-row values are scalar loads (s_load, not counted): row loads are 16 bytes wide, none 2, and the backward's
+    row stores 16 bytes wide, none narrower."""
     bad = []
     for r in _results(compiled, "logits"):
         if not (r["ok"] and aot_cases.vectorisable(r["label"])):
             continue
         fwd = r["label"].startswith(("fwd ", "fwd-entropy "))
         entropy_bwd = r["label"].startswith("bwd-entropy ")
-        ld8 = (1, 1) if fwd or entropy_bwd else (2, 2)
-        ld4 = (0, 0) if fwd else (4, 4) if entropy_bwd else (3, 3)
-        want = dict(ld16=(1, None), ld8=ld8, ld4=ld4, ld2=(0, 0),
-                    st16=(0, 0) if fwd else (1, None), st8=(0, 0), st4=(0, None) if fwd else (0, 0), st2=(0, 0))
+        if r["target"].startswith("gfx"):
+            want = dict(ld16=(1, None), ld2=(0, 0), st16=(0, 0) if fwd else (1, None), st8=(0, 0), st2=(0, 0))
+        else:
+            ld8 = (1, 1) if fwd or entropy_bwd else (2, 2)
+            ld4 = (0, 0) if fwd else (4, 4) if entropy_bwd else (3, 3)
+            want = dict(ld16=(1, None), ld8=ld8, ld4=ld4, ld2=(0, 0),
+                        st16=(0, 0) if fwd else (1, None), st8=(0, 0), st4=(0, None) if fwd else (0, 0), st2=(0, 0))
         for key, (lo, hi) in want.items():
             if r[key] < lo or (hi is not None and r[key] > hi):
-                bad.append(f"sm_{r['arch']} {r['label']}: {key}={r[key]}, want {lo}..{hi if hi is not None else ''}")
+                bad.append(f"{_where(r)}: {key}={r[key]}, want {lo}..{hi if hi is not None else ''}")
     assert not bad, "\n".join(bad)
 
 
@@ -188,7 +317,7 @@ def test_linear_plans(compiled):
     assert results, "tests/aot_linear.py gave no plans"
     check = getattr(linear, "check", None)
     if check is None:
-        pytest.skip("tests/aot_linear.py defines no check(label, arch, props): compiled only")
+        pytest.skip("tests/aot_linear.py defines no check(label, target, props): compiled only")
     for r in results:
         if r["ok"]:
-            check(r["label"], r["arch"], r)
+            check(r["label"], r["target"], r)

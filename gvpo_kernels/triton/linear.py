@@ -1,8 +1,9 @@
 """Triton linear path: GVPO token statistics from hidden states and the LM head, logits never materialised.
 
 Tiles. A tile of logits [BLOCK_N tokens, BLOCK_V vocabulary rows] is a tl.dot of hidden rows by weight rows,
-accumulated in float32 over H in BLOCK_H steps (``_logits_tile``). In bf16/fp16 on a GPU the tile is 128 x 128 x 64
-with 8 warps: on sm_90 that is wgmma on two warpgroups (64 tokens each), on sm_80 mma.sync. Both operands are
+accumulated in float32 over H in BLOCK_H steps (``_logits_tile``). In bf16/fp16 on a GPU the tile is 128 x 128 with
+8 warps: on sm_90 wgmma on two warpgroups (64 tokens each), on sm_100 tcgen05, on sm_80-89 / sm_120 mma.sync, on
+AMD CDNA mfma (depth, stages and compile options per device family: ``plan.linear_tiles``). Both operands are
 loaded through cp.async by Triton's software pipeliner (num_stages): the hidden rows are gathered through an
 index of scored rows, and what lets the pipeliner prefetch them is that the strides of hidden are *specialised*
 (Triton keys an int argument only on == 1 and % 16, so a new N or T adds no variant), which keeps the %16
@@ -86,7 +87,7 @@ from .._alloc import empty
 from ..layout import Layout
 from ..torch_impl import _token_coef
 from .group import group_stage
-from .plan import Device, Plan, device_of, launch
+from .plan import Device, Plan, device_of, dot_precision, launch, linear_tiles
 
 CHUNK_BYTES = 1 << 30  # bytes of the per-chunk buffer (dL/dlogits, or the stored exponentials) in the backward
 GROUP_N = 8  # token blocks per group of the grouped tile order
@@ -355,19 +356,14 @@ def linear_grad_from_exp_kernel(
 
 
 def tile_config(dtype: torch.dtype, hidden_size: int, device: Device, store: bool = False) -> dict:
-    """The meta-parameters of the logits tiles: block sizes from the dtype and H (never from N), dot precision.
-
-    16-bit inputs: 128 tokens x 128 vocabulary rows x 64 of H, 8 warps (two wgmma warpgroups on sm_90), 4 stages
-    on sm_90 (128 KB of shared memory), 3 on sm_80; ``store`` (the forward that also writes the exponentials):
-    128 x 64, whose stores would otherwise take the registers past 168. fp32/fp64: 64 x 64 x 32, 4 warps."""
+    """The meta-parameters of the logits tiles: block sizes, warps and stages from the dtype, H and the device
+    (never from N; :func:`.plan.linear_tiles` says which family of devices gets which, and why), dot precision
+    (:func:`.plan.dot_precision`). ``store``: the forward that also writes the exponentials (128 x 64 tiles, whose
+    stores would otherwise take the registers past 168 on sm_90)."""
     wide = dtype in (torch.float32, torch.float64)
     upcast = dtype == torch.float64 or (dtype == torch.bfloat16 and device.interpreter)
-    if wide:
-        return dict(UPCAST=upcast, DOT_PRECISION="ieee", GROUP_N=GROUP_N, BLOCK_N=64, BLOCK_V=64,
-                    BLOCK_H=max(16, min(32, triton.next_power_of_2(hidden_size))), num_warps=4, num_stages=2)
-    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32", GROUP_N=GROUP_N, BLOCK_N=128,
-                BLOCK_V=64 if store else 128, BLOCK_H=max(16, min(64, triton.next_power_of_2(hidden_size))),
-                num_warps=8, num_stages=4 if device.arch >= 90 else 3)
+    return dict(UPCAST=upcast, DOT_PRECISION=dot_precision(wide, device), GROUP_N=GROUP_N,
+                **linear_tiles(4 if wide else 2, hidden_size, device, store))
 
 
 def num_splits(num_rows: int, vocab_size: int, config: dict, device: Device) -> int:
@@ -451,15 +447,17 @@ def backward_plan(rows, weight, bias, chunk, target, lse, coef, grad, temperatur
                 _label("linear_bwd" + ("_entropy" if entropy else ""), rows, weight, bias, config))
 
 
-def grad_from_exp_plan(exp, tile_max, target, lse, coef, block_v: int) -> Plan:
+def grad_from_exp_plan(exp, tile_max, target, lse, coef, block_v: int, device: Device = None) -> Plan:
     """exp (M_c, V) from forward_plan(exp=...) -> dL/dlogits in place; target, lse, coef (M_c,) of its rows.
-    ``block_v``: the BLOCK_V of that forward (tile_max holds one float per row and BLOCK_V columns)."""
+    ``block_v``: the BLOCK_V of that forward (tile_max holds one float per row and BLOCK_V columns). 128 threads
+    (4 warps; 2 of AMD CDNA's 64 threads), so that each moves 16 bytes of a 16 x 64 bf16 tile."""
     num_rows, vocab_size = exp.shape
     _check_chunk(exp)
     grid = (triton.cdiv(num_rows, GRAD_BLOCK_N), triton.cdiv(vocab_size, block_v))
+    num_warps = 128 // (32 if device is None else device.warp_size)
     return Plan(linear_grad_from_exp_kernel, grid,
                 (exp, tile_max, target, lse, coef, num_rows, vocab_size, exp.stride(0), tile_max.stride(0)),
-                dict(BLOCK_N=GRAD_BLOCK_N, BLOCK_V=block_v, num_warps=4),
+                dict(BLOCK_N=GRAD_BLOCK_N, BLOCK_V=block_v, num_warps=num_warps),
                 f"linear_grad_from_exp V={vocab_size} {_dtype_name(exp.dtype)}")
 
 
@@ -584,7 +582,8 @@ def linear_loss_and_grads(rows, weight, bias, lay: Layout, beta: float, temperat
         if entropy:
             extra[0][chunk] = chunk_entropy[0]
         chunk_coef = (coef if on_policy else coefficients())[chunk]  # anchored: this chunk's groups are whole
-        launch(grad_from_exp_plan(exp, tile_max, lay.target[chunk], lse, chunk_coef, work.store_config["BLOCK_V"]))
+        launch(grad_from_exp_plan(exp, tile_max, lay.target[chunk], lse, chunk_coef, work.store_config["BLOCK_V"],
+                                  work.device))
         work.add_grads(chunk, exp)
     return (*group_stage(token_logprob, lay, beta), *work.grads(), *extra)
 

@@ -27,8 +27,8 @@ compiler that a row starts 16-byte aligned when V is a multiple of 8 (bf16) or 4
 specialised: it only divides.
 
 Each launcher is a pure plan (:func:`forward_plan`, :func:`backward_plan`, :func:`stats_backward_plan`: shapes,
-dtypes, device -> Plan) and :func:`~.plan.launch`; tests/aot.py compiles the same plans for sm_80 / sm_90 without
-a GPU.
+dtypes, device -> Plan) and :func:`~.plan.launch`; tests/aot.py compiles the same plans for nine NVIDIA and AMD
+targets without a GPU.
 """
 
 import torch
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from ..layout import Layout
-from .plan import Device, Plan, check_flat, device_of, launch
+from .plan import Device, Plan, check_flat, device_of, launch, row_options
 
 MAX_WARPS = 8
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -189,13 +189,17 @@ def token_logprob_bwd_kernel(
 # plans
 
 
-def block_params(vocab_size: int, itemsize: int, vectors: int) -> dict:
+def block_params(vocab_size: int, itemsize: int, vectors: int, device: Device = None) -> dict:
     """BLOCK_V and num_warps from V and the logits' element size: ``vectors`` 16-byte vectors per thread at
-    MAX_WARPS warps (forward: 2048 bf16 / 1024 fp32 logits a block, which keeps its per-lane state at 64 / 48
-    registers; backward: 4096 / 2048), and fewer warps for a small V."""
+    MAX_WARPS warps of 32 threads (forward: 2048 bf16 / 1024 fp32 logits a block, which keeps its per-lane state at
+    64 / 48 registers; backward: 4096 / 2048), and fewer warps for a small V or wider warps (AMD CDNA's 64 threads:
+    the same block and the same 16 bytes per thread on half the warps). Compile options from
+    :func:`.plan.row_options` (sm_120's register cap)."""
     per_thread = vectors * max(1, 16 // itemsize)
     block_v = min(triton.next_power_of_2(vocab_size), MAX_WARPS * 32 * per_thread)
-    return dict(BLOCK_V=block_v, num_warps=max(1, min(MAX_WARPS, block_v // (32 * per_thread))))
+    warp_size = 32 if device is None else device.warp_size
+    num_warps = max(1, min(MAX_WARPS, block_v // (warp_size * per_thread)))
+    return dict(BLOCK_V=block_v, num_warps=num_warps, **(row_options(device, num_warps) if device else {}))
 
 
 def _check_rows(name: str, rows: torch.Tensor) -> None:
@@ -212,8 +216,8 @@ def forward_plan(rows, target, token_logprob, lse, temperature: float, device: D
     """The forward launch: rows (B', T', V) logits, target (N,) int64; writes token_logprob and lse, (N,) float32,
     and, when given, token_entropy (N,) float32 (the ENTROPY variant).
 
-    Reads shapes, strides and dtypes only (works on meta tensors); ``device`` is unused (the choice depends on V
-    and the dtype alone) but part of every plan's signature."""
+    Reads shapes, strides and dtypes only (works on meta tensors); of ``device``, :func:`block_params` reads the
+    warp width and compile options."""
     _check_rows("rows", rows)
     num_b, seq_len, vocab_size = rows.shape
     check_flat("target", target, torch.int64)
@@ -229,7 +233,7 @@ def forward_plan(rows, target, token_logprob, lse, temperature: float, device: D
         token_logprob_fwd_kernel, (target.numel(),),
         (rows, target, token_logprob, lse, token_entropy if entropy else lse, vocab_size, seq_len, rows.stride(0),
          rows.stride(1), 1.0 / temperature),
-        dict(block_params(vocab_size, rows.element_size(), FWD_VECTORS), ENTROPY=entropy),
+        dict(block_params(vocab_size, rows.element_size(), FWD_VECTORS, device), ENTROPY=entropy),
         label=f"token_fwd{'_entropy' if entropy else ''} V={vocab_size} {_dtype_name(rows.dtype)}",
     )
 
@@ -241,7 +245,7 @@ def _check_out(rows, out) -> None:
         raise ValueError(f"out must have the shape of rows {tuple(rows.shape)}, got {tuple(out.shape)}")
 
 
-def _backward_launch(rows, target, per_token, temperature: float, out, entropy: bool) -> Plan:
+def _backward_launch(rows, target, per_token, temperature: float, out, entropy: bool, device: Device) -> Plan:
     """The backward kernel's launch; per_token: its token_seq, lse, grad_seq, grad_loss, entropy, coef_ent
     pointers, in that order (those a variant does not read are any tensor)."""
     num_b, seq_len, vocab_size = rows.shape
@@ -249,7 +253,7 @@ def _backward_launch(rows, target, per_token, temperature: float, out, entropy: 
         token_logprob_bwd_kernel, (target.numel(),),
         (rows, target, *per_token, out, vocab_size, seq_len, rows.stride(0), rows.stride(1), out.stride(0),
          out.stride(1), 1.0 / temperature),
-        dict(block_params(vocab_size, rows.element_size(), BWD_VECTORS), ENTROPY=entropy),
+        dict(block_params(vocab_size, rows.element_size(), BWD_VECTORS, device), ENTROPY=entropy),
         label=f"token_bwd{'_entropy' if entropy else ''} V={vocab_size} {_dtype_name(rows.dtype)}",
     )
 
@@ -268,7 +272,7 @@ def backward_plan(rows, lay: Layout, lse, grad_seq_logprob, grad_loss, temperatu
     if grad_loss.numel() != 1:
         raise ValueError(f"grad_loss must hold one element, got shape {tuple(grad_loss.shape)}")
     return _backward_launch(rows, lay.target, (lay.token_seq, lse, grad_seq_logprob, grad_loss, lse, lse),
-                            temperature, out, entropy=False)
+                            temperature, out, entropy=False, device=device)
 
 
 def stats_backward_plan(rows, target, lse, token_entropy, coef_logprob, coef_entropy, temperature: float, out,
@@ -287,7 +291,7 @@ def stats_backward_plan(rows, target, lse, token_entropy, coef_logprob, coef_ent
         raise ValueError(f"target, lse, token_entropy, coef_logprob and coef_entropy must hold one element per row "
                          f"({rows.shape[0] * rows.shape[1]})")
     return _backward_launch(rows, target, (target, lse, coef_logprob, lse, token_entropy, coef_entropy),
-                            temperature, out, entropy=True)
+                            temperature, out, entropy=True, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
