@@ -245,7 +245,8 @@ class Floors:
         key = (tokens, hidden, vocab, dtype)
         if key not in self.mm_tflops:
             kw = dict(device=self.device, dtype=dtype)
-            x, w, g = torch.randn(tokens, hidden, **kw), torch.randn(vocab, hidden, **kw), torch.randn(tokens, vocab, **kw)
+            x, w = torch.randn(tokens, hidden, **kw), torch.randn(vocab, hidden, **kw)
+            g = torch.randn(tokens, vocab, **kw)
             d_x, d_w = torch.empty_like(x), torch.empty_like(w)
             flops = 2 * tokens * hidden * vocab
             rates = [flops / (_best_ms(fn, self.device, 3) * 1e-3) / 1e12 for fn in (

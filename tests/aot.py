@@ -1,6 +1,6 @@
 """Ahead-of-time compile of kernel plans for NVIDIA and AMD GPUs, on a machine without one.
 
-    python tests/aot.py [--targets sm_80,gfx942] [--jobs 2] [--json FILE] [--dump DIR]
+    python tests/aot.py [--targets sm_80,gfx942] [--jobs 2] [--json FILE] [--dump DIR] [--check]
 
 prints one line per compiled kernel variant and target for every case of tests/aot_cases.py (logits path, group
 stage) and tests/aot_linear.py (linear path, when that file is there), planned for the Device that each target's
@@ -69,14 +69,20 @@ def unavailable_reason(targets=TARGETS) -> Optional[str]:
         from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
     except ImportError as exc:
         return f"this Triton lacks the ahead-of-time API ({exc})"
-    if not hasattr(JITFunction, "_pack_args"):
-        return f"triton {triton.__version__} has no JITFunction._pack_args"
+    try:
+        from triton._utils import find_paths_if, get_iterable_path  # noqa: F401  (_pack_args' helpers, 3.4+)
+    except ImportError:
+        if not hasattr(JITFunction, "_pack_args"):
+            return f"triton {triton.__version__} has neither JITFunction._pack_args nor triton._utils.find_paths_if"
     names = [device(t).name for t in targets]
     if any(n.startswith("sm_") for n in names):
         try:
             from triton.backends.nvidia import compiler as nv
 
-            nv.get_ptxas(90)
+            try:
+                nv.get_ptxas(90)  # Triton >= 3.6: a ptxas per architecture
+            except TypeError:
+                nv.get_ptxas()
         except Exception as exc:  # noqa: BLE001  (no NVIDIA backend or no bundled ptxas)
             return f"Triton's NVIDIA backend or its bundled ptxas is missing ({exc})"
     if any(n.startswith("gfx") for n in names):
@@ -117,6 +123,23 @@ def _jit_function(kernel):
     return kernel
 
 
+def _pack_args(kernel, backend, kwargs, bound_args, specialization, options):
+    """JITFunction._pack_args (Triton >= 3.5), or what JITFunction.run of Triton 3.4 does inline in its place."""
+    if hasattr(kernel, "_pack_args"):
+        return kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [x[0] for x in specialization]
+    signature = dict(zip([x.name for x in kernel.params], sigvals))
+    constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+    constexprs = {path: get_iterable_path(list(bound_args.values()), path) for path in constexprs}
+    attrvals = [x[1] for x in specialization]
+    attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
+    return options, signature, constexprs, attrs
+
+
 def specialise(plan, target):
     """What ``JITFunction.run`` does before it compiles: bind, specialise, pack, for ``target`` (a name, a compute
     capability or a Device). -> (spec, key); equal keys are the same compiled kernel."""
@@ -136,7 +159,7 @@ def specialise(plan, target):
             kwargs[name] = getattr(knobs.compilation, name)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*plan.args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    options, signature, constexprs, attrs = _pack_args(kernel, backend, kwargs, bound_args, specialization, options)
     key = json.dumps([kernel.__name__, dev.name, signature, sorted(map(str, constexprs.items())),
                       sorted(map(str, attrs.items())), sorted(map(str, options.__dict__.items()))])
     key = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -182,8 +205,28 @@ def _count(pattern: str, text: str) -> int:
     return len(re.findall(pattern, text, flags=re.MULTILINE))
 
 
+def _resource_usage(cubin: bytes) -> str:
+    """ptxas -v's two lines rebuilt from ``cuobjdump -res-usage`` of a cubin (Triton < 3.5 keeps no ptxas log): the
+    registers, and the stack frame's bytes as spill stores and loads (a kernel of this package has no stack but
+    for spills)."""
+    import subprocess
+
+    from triton import knobs
+
+    tool = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return (f"Used {regs.group(1) if regs else '?'} registers\n"
+            f"{stack.group(1) if stack else 0} bytes spill stores, {stack.group(1) if stack else 0} bytes spill loads")
+
+
 def _nvidia_properties(compiled, log: str) -> dict:
     ptx = compiled.asm["ptx"]
+    if "Used " not in log:
+        log = _resource_usage(compiled.asm["cubin"])
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     counts = dict(wgmma=_count(r"^\s*wgmma\.mma_async", ptx), mma_sync=_count(r"^\s*mma\.sync", ptx),
@@ -234,11 +277,13 @@ def compile_spec(spec, dump: Optional[str] = None) -> dict:
                smem_limit=dev.shared_memory)
     t0 = time.time()
     log = io.StringIO()
-    cache, saved = tempfile.mkdtemp(prefix="gvpo_aot_"), (knobs.cache.dir, knobs.nvidia.dump_ptxas_log)
+    dump_log = hasattr(knobs.nvidia, "dump_ptxas_log")  # Triton >= 3.5; else cuobjdump reads the cubin
+    cache, saved = tempfile.mkdtemp(prefix="gvpo_aot_"), (knobs.cache.dir, dump_log and knobs.nvidia.dump_ptxas_log)
     try:
         # a fresh cache: a kernel found in the cache would skip ptxas, and with it the register and spill counts
         knobs.cache.dir = cache
-        knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed to stdout by Triton
+        if dump_log:
+            knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed to stdout by Triton
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
         res.update(ok=True, smem=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
@@ -256,7 +301,9 @@ def compile_spec(spec, dump: Optional[str] = None) -> dict:
     except Exception as exc:  # noqa: BLE001  (reported as a failed compile)
         res["error"] = _describe(exc)
     finally:
-        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
+        knobs.cache.dir = saved[0]
+        if dump_log:
+            knobs.nvidia.dump_ptxas_log = saved[1]
         shutil.rmtree(cache, ignore_errors=True)
     res["seconds"] = round(time.time() - t0, 2)
     return res
@@ -380,6 +427,89 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# criteria: tests/test_aot.py asserts each; --check applies them all. Each takes the results (with their "source")
+# and returns one line per violation.
+
+
+def _where(r) -> str:
+    return f"{r['target']} {r['label']}"
+
+
+def compile_errors(results) -> list:
+    return [f"{_where(r)}: {r['error']}" for r in results if not r["ok"]]
+
+
+def over_shared_memory(results) -> list:
+    """Shared memory / LDS above what one block may use on the target: an OutOfResources at the first launch."""
+    return [f"{_where(r)}: {r['smem']} > {r['smem_limit']} bytes" for r in results
+            if r["ok"] and r["smem"] > r["smem_limit"]]
+
+
+def spills(results) -> list:
+    """A spill in a 16-bit kernel, or in any logits / group kernel (NVIDIA: ptxas's bytes; AMD: spilled VGPRs /
+    SGPRs and scratch)."""
+    return [f"{_where(r)}: {r['spill_st']}/{r['spill_ld']}+{r['scratch']}" for r in results
+            if r["ok"] and ("bf16" in r["pointers"] or "fp16" in r["pointers"] or r["source"] != "linear")
+            and (r["spill_st"] is None or r["spill_st"] + r["spill_ld"] + r["scratch"] > 0)]
+
+
+def without_tensor_cores(results) -> list:
+    """A 16-bit linear logits tile that does not run on its target's matrix instructions (MMA)."""
+    from gvpo_kernels.triton.plan import mma_kind as planned
+
+    return [f"{_where(r)}: {r['mma']}, want {MMA.get(r['target']) or planned(device(r['target']))}"
+            for r in results if r["ok"] and r["source"] == "linear" and not r["label"].startswith("linear_grad")
+            and ("bf16" in r["pointers"] or "fp16" in r["pointers"])
+            and r["mma"] != (MMA.get(r["target"]) or planned(device(r["target"])))]
+
+
+def narrow_row_accesses(results) -> list:
+    """Where a row starts 16-byte aligned (V a multiple of 8), every load and store of logits and gradients is 16
+    bytes wide. On NVIDIA, what remains narrower is one value per row: the forward's int64 target (8 bytes) and its
+    two (three with entropy) float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and
+    grad_loss (4 bytes); with entropy, its target (8 bytes), lse, entropy, c_lp and c_ent (4 bytes). On AMD the
+    per-row values are scalar loads (s_load, not counted): row loads are 16 bytes wide, none 2 bytes, and the
+    backward's row stores 16 bytes wide, none narrower."""
+    sys.path.insert(0, _HERE)
+    import aot_cases
+
+    bad = []
+    for r in results:
+        if not (r["ok"] and r["source"] == "logits" and aot_cases.vectorisable(r["label"])):
+            continue
+        fwd = r["label"].startswith(("fwd ", "fwd-entropy "))
+        entropy_bwd = r["label"].startswith("bwd-entropy ")
+        if r["target"].startswith("gfx"):
+            want = dict(ld16=(1, None), ld2=(0, 0), st16=(0, 0) if fwd else (1, None), st8=(0, 0), st2=(0, 0))
+        else:
+            ld8 = (1, 1) if fwd or entropy_bwd else (2, 2)
+            ld4 = (0, 0) if fwd else (4, 4) if entropy_bwd else (3, 3)
+            want = dict(ld16=(1, None), ld8=ld8, ld4=ld4, ld2=(0, 0),
+                        st16=(0, 0) if fwd else (1, None), st8=(0, 0), st4=(0, None) if fwd else (0, 0), st2=(0, 0))
+        for key, (lo, hi) in want.items():
+            if r[key] < lo or (hi is not None and r[key] > hi):
+                bad.append(f"{_where(r)}: {key}={r[key]}, want {lo}..{hi if hi is not None else ''}")
+    return bad
+
+
+def linear_violations(results) -> list:
+    """What tests/aot_linear.py's check(label, target, props) says of each compiled linear plan."""
+    linear, _ = linear_module()
+    check = getattr(linear, "check", None)
+    bad = []
+    for r in results:
+        if check is not None and r["ok"] and r["source"] == "linear":
+            try:
+                check(r["label"], r["target"], r)
+            except AssertionError as exc:
+                bad.append(str(exc))
+    return bad
+
+
+CRITERIA = (compile_errors, over_shared_memory, spills, without_tensor_cores, narrow_row_accesses, linear_violations)
+
+
 def prepare_process():
     """Check this process can compile, and import the checkout's gvpo_kernels rather than an installed copy."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -396,6 +526,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles (default 2)")
     ap.add_argument("--json", help="write every case's properties here")
     ap.add_argument("--dump", help="write each variant's TTGIR, PTX and ptxas log into this folder")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 on any violation of tests/test_aot.py's criteria (each listed), not only on a "
+                         "compile error")
     args = ap.parse_args(argv)
     t0 = time.time()
     prepare_process()
@@ -421,6 +554,14 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, notes=notes, results=results), f, indent=1)
+    if args.check:
+        violations = [line for criterion in CRITERIA for line in criterion(results)]
+        for line in violations:
+            print(f"# VIOLATION: {line}")
+        failed = sum(any(criterion([r]) for criterion in CRITERIA) for r in results)
+        print(f"# {len(violations)} violations of tests/test_aot.py's criteria")
+        print(f"aot: {len(results) - failed} passed, {failed} failed")  # plans; a closing line CI reads
+        return 1 if violations else 0
     return 1 if any(not r["ok"] for r in results) else 0
 
 
