@@ -10,7 +10,8 @@
 # statistics' JSON and table to their stats/ folder. Extra arguments go to bench/run.py after the defaults, so they
 # override them (e.g. --tokens 4096,16384,32768 or --models qwen2.5-7b,llama-3-8b); STATS_ARGS to bench/stats.py.
 #
-#   bash bench/gpu.sh                  # tests (at most TESTS_S = 150 s), the benchmark (at most BENCH_S = 430 s,
+#   bash bench/gpu.sh                  # python -m gvpo_kernels.check (at most CHECK_S = 100 s; SKIP_CHECK=1: not),
+#                                      # tests (at most TESTS_S = 150 s), the benchmark (at most BENCH_S = 430 s,
 #                                      # less what the token statistics keep: STATS_S = 110 s), the statistics
 #   SKIP_TESTS=1 bash bench/gpu.sh     # the benchmarks only
 #   SKIP_BENCH=1 TESTS_S=440 bash bench/gpu.sh   # the tests and the token statistics
@@ -41,6 +42,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # this checkout's gvpo_kerne
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
                 'cuda', torch.cuda.is_available())"
+
+# The self-check first (issue 19): every path against the float64 reference on this GPU, and % of its floors.
+check_rc=0
+if [ -z "${SKIP_CHECK:-}" ]; then
+    echo "== self-check (at most ${CHECK_S:=100} s)"
+    timeout "$CHECK_S" python3 -m gvpo_kernels.check --device cuda --json "$RESULTS/check.json" 2>&1 \
+        | tee "$LOGS/gpu-check.log"
+    check_rc=${PIPESTATUS[0]}
+    [ "$check_rc" = 124 ] && echo "gpu.sh: the self-check ran past ${CHECK_S} s and was stopped"
+fi
 
 tests_rc=0
 if [ -z "${SKIP_TESTS:-}" ]; then
@@ -82,5 +93,6 @@ if [ -z "${SKIP_STATS:-}" ]; then
     [ "$stats_rc" = 124 ] && echo "gpu.sh: the token statistics ran past ${left} s and were stopped"
 fi
 
-echo "== gpu.sh: tests exit ${tests_rc}, benchmark exit ${bench_rc}, token statistics exit ${stats_rc}, ${SECONDS} s"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$stats_rc" = 0 ]
+echo "== gpu.sh: self-check exit ${check_rc}, tests exit ${tests_rc}, benchmark exit ${bench_rc}, token statistics" \
+     "exit ${stats_rc}, ${SECONDS} s"
+[ "$check_rc" = 0 ] && [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$stats_rc" = 0 ]

@@ -19,9 +19,11 @@ fp32, 1e-2 in bf16). err/tol is the worst output's error over its tolerance (<= 
 Speed: ms is the median forward+backward time; % of floor is the floor's time over it, where the floor is measured
 on this device in the same run: 2 N V elements (each logit read once, each gradient element written once) at the
 copy bandwidth (bytes read + written) for the logits paths; 6 N H V flops (the logits, d_hidden and d_weight) at
-the best rate of torch.mm at the path's three GEMM shapes for the linear paths (bench/run.py's floors). Peak
-memory: CUDA's max allocated during the call, above what was allocated before; on the CPU the growth of the
-process's peak RSS (reset per row, where Linux allows it).
+the best rate of torch.mm at the path's three GEMM shapes, in the row's dtype or fp32, for the linear paths
+(bench/run.py's floors). Peak memory: CUDA's max allocated during the call, above what was allocated before; on
+the CPU the growth of the process's peak RSS (reset per row, where Linux allows it; memory the allocator already
+holds from an earlier row does not count). Small shapes are dominated by call overheads: their % of floor says
+little.
 
 backend: what backend="auto" picks on this device (``functional.select_backend``); a row where the package warned
 that it fell back to another backend says so. Exit status 1 when any row is not ok.
@@ -257,8 +259,10 @@ class Floors:
 
     def floor_ms(self, path: str, tokens: int, shape: Shape, dtype) -> float:
         """The row's floor (module docstring), over all its tokens (scored or not: the kernels see them all)."""
-        if path.endswith("(hidden)"):  # the rate at the shape's padded token count, whatever the layout
-            rate = self.matmul(shape.num_seqs * shape.seq_len, shape.hidden, shape.vocab, dtype)
+        if path.endswith("(hidden)"):  # the rate at the shape's padded token count, whatever the layout; a 16-bit
+            # GEMM may run in fp32 (this package's C++ kernels do): the better of the dtype's rate and fp32's
+            size = (shape.num_seqs * shape.seq_len, shape.hidden, shape.vocab)
+            rate = max(self.matmul(*size, dtype), self.matmul(*size, torch.float32))
             return 6 * tokens * shape.hidden * shape.vocab / (rate * 1e12) * 1e3
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * tokens * shape.vocab * itemsize / (self.copy() * 1e9) * 1e3
@@ -343,7 +347,11 @@ def check_row(path, dtype_name, shape: Shape, layout, anchored, device, floors: 
         oracle = run_path(path, inputs, gk.reference, torch.float64)
         baseline = run_path(path, inputs, gk.reference)
     except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
         row.note = f"skipped: the float64 reference ran out of memory ({str(exc).splitlines()[0][:80]})"
+        return row
+    except Exception as exc:  # noqa: BLE001  (a failed row, not a crashed check)
+        row.note = f"error in the reference: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         return row
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
