@@ -133,16 +133,16 @@ def linear_tiles(itemsize: int, hidden_size: int, device: Device, store: bool = 
     16-bit operands, per family (why: docs/gpu-plans.md):
       - sm_90 (wgmma) and sm_100 / sm_103 (tcgen05): 128 tokens x 128 vocabulary x 64 of H, 8 warps, 4 stages
         (128 KB of the 227 KB); on tcgen05 ``maxnreg=255``: by default ptxas trims the forward storing
-        exponentials and the entropy backward to 128 registers and spills, where 160-255 fit without spills (the
-        shared memory already holds an SM to one CTA of these);
+        exponentials and the entropy backward to 128 registers (two CTAs per SM) and spills; without the cap they
+        take 166 and 255 registers and spill nothing (one CTA per SM: the backward's 128 KB allows no second);
       - mma.sync (sm_80, sm_86, sm_89, sm_120, sm_121): 128 x 128 x 32, 8 warps, 4 stages (48 KB, within the
         99 KB of sm_86 / sm_89 / sm_120); x 64 of H with 3 stages spilled the entropy forward on sm_86 / sm_89 /
-        sm_120 and held the others at 255 registers;
+        sm_120 and held most others at 248-255 registers;
       - AMD CDNA (gfx90a, gfx942, gfx950; wave64): 128 x 128 x 64, 8 waves, 2 stages (one 32 KB LDS buffer, within
         the 64 KB of gfx90a / gfx942); Triton's AMD pipeliner streams the next tile through registers;
     ``store`` (the forward that also writes exponentials): 64 vocabulary rows instead of 128. Where a device's
     shared memory is smaller than the table's rule needs, stages come off first, then H halves.
-    fp32: 64 x 64 x 32, 4 warps, 2 stages on every device (IEEE fp32 dots: FMA on NVIDIA, fp32 MFMA on CDNA).
+    fp32: 64 x 64 x 32, 4 warps, 2 stages on every device (IEEE fp32 dots; not in the AOT matrix).
     """
     if itemsize >= 4:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=max(16, min(32, _next_power_of_2(hidden_size))), num_warps=4,
