@@ -119,11 +119,13 @@ def dot_precision(wide: bool, device: Device) -> str:
 
 def _tile_shared_bytes(config: dict, itemsize: int, device: Device) -> int:
     """Shared memory / LDS the pipelined operand tiles of a linear kernel take (the epilogue's few bytes aside):
-    one buffer per stage with wgmma / tcgen05 (the MMA reads its operands from shared memory), one fewer with
-    mma.sync and on AMD (the newest stage waits in registers), as the AOT matrix measures them."""
+    one buffer per stage with wgmma / tcgen05 (the MMA reads its operands from shared memory) and on gfx950 (loads
+    straight into LDS), one fewer with mma.sync and on the older AMD GPUs (the newest stage waits in registers),
+    as the AOT matrix measures them."""
     per_stage = (config["BLOCK_N"] + config["BLOCK_V"]) * config["BLOCK_H"] * itemsize
     stages = config["num_stages"]
-    return (stages if mma_kind(device) in ("wgmma", "tcgen05") else max(1, stages - 1)) * per_stage
+    whole = mma_kind(device) in ("wgmma", "tcgen05") or (device.is_hip and device.arch.startswith("gfx95"))
+    return (stages if whole else max(1, stages - 1)) * per_stage
 
 
 def linear_tiles(itemsize: int, hidden_size: int, device: Device, store: bool = False) -> dict:
@@ -139,7 +141,8 @@ def linear_tiles(itemsize: int, hidden_size: int, device: Device, store: bool = 
         99 KB of sm_86 / sm_89 / sm_120); x 64 of H with 3 stages spilled the entropy forward on sm_86 / sm_89 /
         sm_120 and held most others at 248-255 registers;
       - AMD CDNA (gfx90a, gfx942, gfx950; wave64): 128 x 128 x 64, 8 waves, 2 stages (one 32 KB LDS buffer, within
-        the 64 KB of gfx90a / gfx942); Triton's AMD pipeliner streams the next tile through registers;
+        the 64 KB of gfx90a / gfx942, where Triton's AMD pipeliner streams the next tile through registers; two on
+        gfx950, 64 of its 160 KB);
     ``store`` (the forward that also writes exponentials): 64 vocabulary rows instead of 128. Where a device's
     shared memory is smaller than the table's rule needs, stages come off first, then H halves.
     fp32: 64 x 64 x 32, 4 warps, 2 stages on every device (IEEE fp32 dots; not in the AOT matrix).
