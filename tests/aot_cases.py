@@ -1,6 +1,7 @@
 """The logits-path and group-stage launches that tests/aot.py compiles: the package's own plans on meta tensors of
 real model shapes (nothing is allocated, nothing runs). The logits kernels also as their ENTROPY variants
-(token_logprobs(return_entropy=True): labels "fwd-entropy ..." / "bwd-entropy ...").
+(token_logprobs(return_entropy=True), an entropy bonus: labels "fwd-entropy ..." / "bwd-entropy ...") and, in
+bf16, their SOFTCAP variants (Gemma-2's soft-capped logits: "...-softcap ...").
 
 N = 16384 tokens; V = 152064 (Qwen2.5) and 128256 (Llama-3); bf16 and fp32 logits; padded (16 x 1025 logits read
 in place as ``logits[:, :-1]``) and packed ((N, V) -> (1, N, V)); N x V = 2.5e9 at V = 152064, past 2^31, so the
@@ -11,6 +12,7 @@ import dataclasses
 
 import torch
 
+from gvpo_kernels.backend import Coefs, LogitSpec, TokenStats
 from gvpo_kernels.layout import Layout
 from gvpo_kernels.triton import group, logprob
 
@@ -43,7 +45,7 @@ def _rows(layout_name, vocab, dtype):
 
 def logits_plans(device):
     """Forward, backward into a fresh buffer, and in-place backward (padded) for every shape, dtype and layout; the
-    forward and backward with entropy too."""
+    forward and backward with entropy too, and (bf16) the soft-capped variants of both."""
     f32 = torch.float32
     cases = [(v, d, lay) for v in LOGITS_VOCABS for d in (torch.bfloat16, f32) for lay in ("padded", "packed")]
     cases.append((ODD_VOCAB, torch.bfloat16, "padded"))
@@ -51,19 +53,20 @@ def logits_plans(device):
     for vocab, dtype, layout_name in cases:
         tag = f"V={vocab} {str(dtype).split('.')[-1]} {layout_name}"
         rows, lay = _rows(layout_name, vocab, dtype), token_layout()
-        per_token = [meta((N_TOKENS,), f32) for _ in range(2)]
-        fwd = logprob.forward_plan(rows, lay.target, *per_token, 1.0, device)
-        args = (rows, lay, meta((N_TOKENS,), f32), meta((NUM_SEQS,), f32), meta((), f32), 1.0)
-        bwd = logprob.backward_plan(*args, meta(rows.shape, dtype), device)  # ops: a fresh contiguous buffer
-        plans += [dataclasses.replace(fwd, label=f"fwd {tag}"), dataclasses.replace(bwd, label=f"bwd {tag}")]
-        # token_logprobs(return_entropy=True): the same kernels with ENTROPY, into a fresh buffer (never in place)
-        ent_fwd = logprob.forward_plan(rows, lay.target, *per_token, 1.0, device, token_entropy=meta((N_TOKENS,), f32))
-        stats = [meta((N_TOKENS,), f32) for _ in range(4)]  # lse, entropy, c_lp, c_ent
-        ent_bwd = logprob.stats_backward_plan(rows, lay.target, *stats, 1.0, meta(rows.shape, dtype), device)
-        plans += [dataclasses.replace(ent_fwd, label=f"fwd-entropy {tag}"),
-                  dataclasses.replace(ent_bwd, label=f"bwd-entropy {tag}")]
-        if layout_name == "padded":  # inplace_backward=True writes over the logits view itself
-            plans.append(dataclasses.replace(logprob.backward_plan(*args, rows, device), label=f"bwd-inplace {tag}"))
+        specs = [("", LogitSpec())] + ([("-softcap", LogitSpec(1.0, 30.0))] if dtype == torch.bfloat16 else [])
+        for suffix, spec in specs:
+            for entropy in (False, True):
+                name = ("-entropy" if entropy else "") + suffix
+                per_token = [meta((N_TOKENS,), f32) for _ in range(3)]
+                out = TokenStats(per_token[0], meta((2, N_TOKENS), f32), per_token[1] if entropy else None)
+                coefs = Coefs(*per_token) if entropy else Coefs(per_token[0])
+                fwd = logprob.forward_plan(rows, lay.target, out, spec, device)
+                bwd = logprob.backward_plan(rows, lay.target, out.norm, coefs, spec, meta(rows.shape, dtype), device)
+                plans += [dataclasses.replace(fwd, label=f"fwd{name} {tag}"),
+                          dataclasses.replace(bwd, label=f"bwd{name} {tag}")]
+                if layout_name == "padded" and not entropy and not suffix:  # inplace_backward: over the logits
+                    inplace = logprob.backward_plan(rows, lay.target, out.norm, coefs, spec, rows, device)
+                    plans.append(dataclasses.replace(inplace, label=f"bwd-inplace {tag}"))
     return plans
 
 
@@ -81,7 +84,8 @@ def group_plans(device):
 
 
 def is_logits(label: str) -> bool:
-    return label.startswith(("fwd ", "bwd ", "bwd-inplace ", "fwd-entropy ", "bwd-entropy "))
+    return label.startswith(("fwd ", "bwd ", "bwd-inplace ", "fwd-entropy", "bwd-entropy", "fwd-softcap",
+                             "bwd-softcap"))
 
 
 def vectorisable(label: str) -> bool:

@@ -1,16 +1,19 @@
-"""Every Triton kernel compiled ahead of time to cubin for sm_80 and sm_90 with the installed Triton, no GPU needed.
+"""Every Triton kernel compiled ahead of time with the installed Triton for nine targets, no GPU needed: sm_80, sm_86,
+sm_89, sm_90, sm_100, sm_120 (cubin, through the bundled ptxas) and gfx90a, gfx942, gfx950 (hsaco, through the LLVM
+in Triton), each planned for the Device that GPU reports (plan.device_for: SM / CU count, shared memory per block).
 
 tests/aot.py compiles the launchers' own plans (tests/aot_cases.py: logits path and group stage; tests/aot_linear.py:
 linear path) for real model shapes, in a child process without TRITON_INTERPRET (conftest.py turns the interpreter
-on here, and interpreted kernels cannot be compiled). ``pytest -s`` shows its table. Fails on a compile error, on a
-spill in a bf16 kernel (or in any logits / group kernel), and where the logits kernels' row loads and stores are not
-16 bytes wide.
+on here, and interpreted kernels cannot be compiled). ``pytest -s`` shows its target x kernel table. Fails, per
+target, on: a compile error; shared memory / LDS above that target's per-block limit; a spill in a bf16 kernel (or
+in any logits / group kernel); a bf16 linear tile without that target's tensor-core instructions (aot.MMA:
+mma.sync, wgmma, tcgen05, mfma); and where the logits kernels' row loads and stores are not 16 bytes wide.
 
 The plan tests below run without the compiler: plans are pure (meta tensors in), never depend on N or T through a
 constexpr, and refuse a tensor that a kernel would misread through a raw pointer (a strided or stride-0 view).
 
 The contract with tests/aot_linear.py: ``linear_plans(device) -> list[Plan]`` with a distinct label per plan, and
-optionally ``check(label, arch, props)``, called for each compiled linear plan with its properties (the dict that
+optionally ``check(label, target, props)``, called for each compiled linear plan with its properties (the dict that
 tests/aot.py's ``compile_plan`` returns), raising AssertionError when a property is not what it should be.
 """
 
@@ -29,6 +32,7 @@ sys.path.insert(0, HERE)
 import aot  # noqa: E402
 import aot_cases  # noqa: E402
 
+from gvpo_kernels.backend import Coefs, LogitSpec, TokenStats  # noqa: E402
 from gvpo_kernels.triton import group, logprob  # noqa: E402
 from gvpo_kernels.triton.plan import Device  # noqa: E402
 
@@ -51,12 +55,14 @@ def test_plans_do_not_depend_on_lengths_through_constexprs():
         rows = meta((num_seqs, seq_len + 1, 152064), torch.bfloat16)[:, :-1]
         lay = aot_cases.token_layout(num_tokens=n, num_seqs=num_seqs)
         outs = [meta((num_seqs,), f32) for _ in range(3)] + [meta((lay.num_groups,), f32)]
-        per_token = [meta((n,), f32) for _ in range(4)]
-        return [logprob.forward_plan(rows, lay.target, meta((n,), f32), meta((n,), f32), 1.0, H100),
-                logprob.forward_plan(rows, lay.target, *per_token[:2], 1.0, H100, token_entropy=per_token[2]),
-                logprob.backward_plan(rows, lay, meta((n,), f32), meta((num_seqs,), f32), meta((), f32), 1.0,
-                                      meta(rows.shape, torch.bfloat16), H100),
-                logprob.stats_backward_plan(rows, lay.target, *per_token, 1.0, meta(rows.shape, torch.bfloat16), H100),
+        per_token = [meta((n,), f32) for _ in range(3)]
+        norm = meta((2, n), f32)
+        grad = meta(rows.shape, torch.bfloat16)
+        return [logprob.forward_plan(rows, lay.target, TokenStats(per_token[0], norm, None), LogitSpec(), H100),
+                logprob.forward_plan(rows, lay.target, TokenStats(per_token[0], norm, per_token[1]), LogitSpec(),
+                                     H100),
+                logprob.backward_plan(rows, lay.target, norm, Coefs(per_token[0]), LogitSpec(), grad, H100),
+                logprob.backward_plan(rows, lay.target, norm, Coefs(*per_token), LogitSpec(1.0, 30.0), grad, H100),
                 group.group_plan(meta((n,), f32), lay, 0.1, *outs, H100)]
 
     for a, b in zip(plans(64, 256), plans(16, 1000)):
@@ -85,39 +91,122 @@ def test_group_plan_refuses_a_layout_tensor_it_would_misread(field, view):
 
 
 @pytest.mark.parametrize("view", [_strided, _expanded], ids=["strided", "stride0"])
-@pytest.mark.parametrize("field", ["target", "token_seq", "lse", "grad_seq_logprob"])
+@pytest.mark.parametrize("field", ["target", "logprob", "entropy", "norm", "coef_logprob", "coef_entropy",
+                                   "token_entropy"])
 def test_token_plans_refuse_a_per_token_tensor_they_would_misread(field, view):
+    """Every per-token tensor the token kernels read or write through a raw pointer: a strided or stride-0 view is
+    refused by name (it would be misread)."""
     meta, f32 = aot_cases.meta, torch.float32
     rows = meta((2, 32, 1000), torch.float32)
-    lay = aot_cases.token_layout(num_tokens=64, num_seqs=2, group_size=2)
-    args = dict(lse=meta((64,), f32), grad_seq_logprob=meta((2,), f32))
-    if field in args:
-        args[field] = view(args[field])
-    else:
-        lay = dataclasses.replace(lay, **{field: view(getattr(lay, field))})
-    with pytest.raises(ValueError, match=field):
-        logprob.backward_plan(rows, lay, args["lse"], args["grad_seq_logprob"], meta((), f32), 1.0,
-                              meta(rows.shape, f32), H100)
-    if field == "target":
+    t = {name: meta((64,), f32) for name in ("logprob", "entropy", "coef_logprob", "coef_entropy", "token_entropy")}
+    t["target"], t["norm"] = meta((64,), torch.int64), meta((2, 64), f32)
+    t[field] = view(t[field])
+    out = TokenStats(t["logprob"], t["norm"], t["entropy"])
+    coefs = Coefs(t["coef_logprob"], t["coef_entropy"], t["token_entropy"])
+    refused = 0
+    if field in ("target", "logprob", "entropy", "norm"):
         with pytest.raises(ValueError, match=field):
-            logprob.forward_plan(rows, lay.target, meta((64,), f32), meta((64,), f32), 1.0, H100)
+            logprob.forward_plan(rows, t["target"], out, LogitSpec(), H100)
+        refused += 1
+    if field not in ("logprob", "entropy"):
+        with pytest.raises(ValueError, match=field):
+            logprob.backward_plan(rows, t["target"], t["norm"], coefs, LogitSpec(), meta(rows.shape, f32), H100)
+        refused += 1
+    assert refused
 
 
-@pytest.mark.parametrize("view", [_strided, _expanded], ids=["strided", "stride0"])
-@pytest.mark.parametrize("field", ["target", "lse", "token_entropy", "coef_logprob", "coef_entropy"])
-def test_entropy_plans_refuse_a_per_token_tensor_they_would_misread(field, view):
-    """The ENTROPY variants read every per-token tensor through a raw pointer too."""
-    meta, f32 = aot_cases.meta, torch.float32
-    rows = meta((2, 32, 1000), torch.float32)
-    args = dict(target=meta((64,), torch.int64), lse=meta((64,), f32), token_entropy=meta((64,), f32),
-                coef_logprob=meta((64,), f32), coef_entropy=meta((64,), f32))
-    args[field] = view(args[field])
-    with pytest.raises(ValueError, match=field):
-        logprob.stats_backward_plan(rows, *args.values(), 1.0, meta(rows.shape, f32), H100)
-    if field in ("target", "token_entropy"):
-        with pytest.raises(ValueError, match=field):
-            logprob.forward_plan(rows, args["target"], meta((64,), f32), meta((64,), f32), 1.0, H100,
-                                 token_entropy=args["token_entropy"])
+@pytest.mark.parametrize("target", aot.TARGETS)
+def test_device_facts_of_each_target(target):
+    """The Device a target's GPU reports: vendor, architecture, SM / CU count and shared memory per block (what
+    the plans are sized from), with the warp width that follows from the architecture."""
+    from gvpo_kernels.triton.plan import ARCHITECTURES, device_for
+
+    dev = device_for(target)
+    gpu, sm_count, shared = ARCHITECTURES[target]
+    assert (dev.name, dev.sm_count, dev.shared_memory) == (target, sm_count, shared)
+    assert dev.vendor == ("hip" if target.startswith("gfx") else "cuda")
+    assert dev.warp_size == (64 if target.startswith("gfx9") else 32)
+    assert shared >= (64 << 10)
+
+
+def _fake_gpu(monkeypatch, hip, **props):
+    """torch.cuda.get_device_properties answering with ``props`` (a CUDA or a ROCm build's fields)."""
+    from types import SimpleNamespace
+
+    from gvpo_kernels.triton import plan
+
+    plan._gpu_device.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(**props))
+    monkeypatch.setattr(torch.version, "hip", hip)
+    return plan
+
+
+def test_device_of_reads_a_cuda_gpus_properties(monkeypatch):
+    plan = _fake_gpu(monkeypatch, None, major=12, minor=0, multi_processor_count=170,
+                     shared_memory_per_block=49152, shared_memory_per_block_optin=101376, gcnArchName="NVIDIA")
+    try:
+        dev = plan.device_of(torch.device("cuda", 0))
+        assert (dev.vendor, dev.arch, dev.sm_count, dev.shared_memory) == ("cuda", 120, 170, 101376)
+        assert plan.mma_kind(dev) == "mma.sync"
+    finally:
+        plan._gpu_device.cache_clear()
+
+
+def test_device_of_reads_a_rocm_gpus_properties(monkeypatch):
+    """ROCm: torch says "cuda"; the architecture is gcnArchName's first field; an older torch has no opt-in field
+    and an LDS in shared_memory_per_block."""
+    plan = _fake_gpu(monkeypatch, "6.4", major=9, minor=4, multi_processor_count=304,
+                     shared_memory_per_block=65536, gcnArchName="gfx942:sramecc+:xnack-")
+    try:
+        dev = plan.device_of(torch.device("cuda", 0))
+        assert (dev.vendor, dev.arch, dev.sm_count, dev.shared_memory, dev.warp_size) == ("hip", "gfx942", 304,
+                                                                                         65536, 64)
+    finally:
+        plan._gpu_device.cache_clear()
+
+
+def test_device_of_falls_back_to_the_table_without_a_shared_memory_field(monkeypatch):
+    plan = _fake_gpu(monkeypatch, "6.2", major=9, minor=5, multi_processor_count=256, gcnArchName="gfx950")
+    try:
+        assert plan.device_of(torch.device("cuda", 0)).shared_memory == 160 << 10
+    finally:
+        plan._gpu_device.cache_clear()
+
+
+@pytest.mark.parametrize("target", aot.TARGETS)
+def test_linear_plans_fit_each_target(target):
+    """Tiles within the shared memory, no TF32 anywhere (refused on gfx90a / gfx950, and fp32 must not use it)."""
+    from gvpo_kernels.triton import linear
+    from gvpo_kernels.triton.plan import _tile_shared_bytes
+
+    dev = aot.device(target)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for store in (False, True):
+            config = linear.tile_config(dtype, 4096, dev, store=store)
+            assert config["DOT_PRECISION"] == "ieee"
+            assert _tile_shared_bytes(config, torch.empty((), dtype=dtype).element_size(), dev) <= dev.shared_memory
+            assert ("maxnreg" in config) == (target == "sm_100" and dtype != torch.float32)
+
+
+def test_linear_plans_shrink_to_a_small_shared_memory():
+    """A GPU with less shared memory than its family's rule needs gets fewer stages, then a shallower H step."""
+    from gvpo_kernels.triton import linear
+    from gvpo_kernels.triton.plan import Device, _tile_shared_bytes
+
+    for shared in (40 << 10, 20 << 10):
+        dev = Device(arch=90, sm_count=132, shared_memory=shared)
+        config = linear.tile_config(torch.bfloat16, 4096, dev)
+        assert _tile_shared_bytes(config, 2, dev) <= shared and config["num_stages"] >= 2
+    assert linear.tile_config(torch.bfloat16, 4096, Device(arch=90, sm_count=1, shared_memory=20 << 10))["BLOCK_H"] < 64
+
+
+@pytest.mark.parametrize("target", ["sm_90", "gfx942"])
+def test_row_kernels_move_16_bytes_per_thread_whatever_the_warp_width(target):
+    """AMD CDNA's warps are 64 threads: the same block on half the warps keeps 16 bytes per thread."""
+    dev = aot.device(target)
+    for itemsize, per_thread in ((2, 8), (4, 4)):
+        params = logprob.block_params(152064, itemsize, logprob.FWD_VECTORS, dev)
+        assert params["BLOCK_V"] // (params["num_warps"] * dev.warp_size) == per_thread
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,7 +219,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "aot.py"), "--json", str(out), "--jobs", "2"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1800)
     print(proc.stdout)
     if not out.exists():
         pytest.fail(f"tests/aot.py wrote no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
@@ -143,39 +232,43 @@ def _results(compiled, source):
 
 @needs_compiler
 def test_every_kernel_compiles(compiled):
-    failed = [f"sm_{r['arch']} {r['label']}: {r['error']}" for r in compiled["results"] if not r["ok"]]
+    failed = aot.compile_errors(compiled["results"])
     assert not failed, "\n".join(failed)
-    assert {r["arch"] for r in compiled["results"]} == set(aot.TARGETS)
+    assert {r["target"] for r in compiled["results"]} == set(aot.TARGETS)
+
+
+@needs_compiler
+def test_shared_memory_fits_each_target(compiled):
+    """Shared memory (NVIDIA) / LDS (AMD) of every kernel within what one block may use on that target: more is an
+    OutOfResources at the first launch (gfx942's 64 KB against the 96 KB that sm_90's 4 stages take)."""
+    over = aot.over_shared_memory(compiled["results"])
+    assert not over, "\n".join(over)
 
 
 @needs_compiler
 def test_no_spills(compiled):
-    """No spill in a bf16 kernel; none in the logits and group kernels at any dtype."""
-    spilled = [f"sm_{r['arch']} {r['label']}: {r['spill_st']}/{r['spill_ld']} B"
-               for r in compiled["results"] if r["ok"] and ("bf16" in r["pointers"] or r["source"] != "linear")
-               and (r["spill_st"] is None or r["spill_st"] + r["spill_ld"] > 0)]
+    """No spill in a bf16 kernel; none in the logits and group kernels at any dtype (NVIDIA: ptxas's spill bytes;
+    AMD: spilled VGPRs / SGPRs and scratch)."""
+    spilled = aot.spills(compiled["results"])
     assert not spilled, "\n".join(spilled)
 
 
 @needs_compiler
+def test_linear_tiles_use_each_targets_tensor_cores(compiled):
+    """A bf16 logits tile runs on the target's own matrix instructions (aot.MMA), never on FMA, and on nothing else:
+    wgmma only on sm_90, tcgen05 only on sm_100, mma.sync on sm_80-89 and sm_120, mfma on AMD CDNA."""
+    from gvpo_kernels.triton.plan import mma_kind
+
+    assert _results(compiled, "linear"), "tests/aot_linear.py gave no plans"
+    bad = aot.without_tensor_cores(compiled["results"])
+    assert not bad, "\n".join(bad)
+    assert {t: mma_kind(aot.device(t)) for t in aot.TARGETS} == aot.MMA
+
+
+@needs_compiler
 def test_logits_rows_move_in_16_byte_vectors(compiled):
-    """Where a row starts 16-byte aligned (V a multiple of 8), every load and store of logits and gradients is
-    16 bytes wide. What remains narrower is one value per row: the forward's int64 target (8 bytes) and its two
-    (three with entropy) float32 outputs; the backward's target and token_seq (8 bytes), lse, dL/ds and grad_loss
-    (4 bytes); with entropy, its target (8 bytes), lse, entropy, c_lp and c_ent (4 bytes)."""
-    bad = []
-    for r in _results(compiled, "logits"):
-        if not (r["ok"] and aot_cases.vectorisable(r["label"])):
-            continue
-        fwd = r["label"].startswith(("fwd ", "fwd-entropy "))
-        entropy_bwd = r["label"].startswith("bwd-entropy ")
-        ld8 = (1, 1) if fwd or entropy_bwd else (2, 2)
-        ld4 = (0, 0) if fwd else (4, 4) if entropy_bwd else (3, 3)
-        want = dict(ld16=(1, None), ld8=ld8, ld4=ld4, ld2=(0, 0),
-                    st16=(0, 0) if fwd else (1, None), st8=(0, 0), st4=(0, None) if fwd else (0, 0), st2=(0, 0))
-        for key, (lo, hi) in want.items():
-            if r[key] < lo or (hi is not None and r[key] > hi):
-                bad.append(f"sm_{r['arch']} {r['label']}: {key}={r[key]}, want {lo}..{hi if hi is not None else ''}")
+    """aot.narrow_row_accesses: every row load and store 16 bytes wide where rows start 16-byte aligned."""
+    bad = aot.narrow_row_accesses(compiled["results"])
     assert not bad, "\n".join(bad)
 
 
@@ -184,11 +277,8 @@ def test_linear_plans(compiled):
     linear, why = aot.linear_module()
     if linear is None:
         pytest.skip(f"no linear cases: {why}")
-    results = _results(compiled, "linear")
-    assert results, "tests/aot_linear.py gave no plans"
-    check = getattr(linear, "check", None)
-    if check is None:
-        pytest.skip("tests/aot_linear.py defines no check(label, arch, props): compiled only")
-    for r in results:
-        if r["ok"]:
-            check(r["label"], r["arch"], r)
+    assert _results(compiled, "linear"), "tests/aot_linear.py gave no plans"
+    if getattr(linear, "check", None) is None:
+        pytest.skip("tests/aot_linear.py defines no check(label, target, props): compiled only")
+    bad = aot.linear_violations(compiled["results"])
+    assert not bad, "\n".join(bad)

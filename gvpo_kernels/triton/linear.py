@@ -26,7 +26,7 @@ from .. import layout
 from .._alloc import empty
 from ..backend import Coefs, Grads, LogitSpec, TokenStats
 from .logprob import soft_cap, soft_cap_grad, xlogx_term
-from .plan import Device, Plan, check_flat, device_of, launch
+from .plan import Device, Plan, check_flat, device_of, dot_precision, launch, linear_tiles
 
 CHUNK_BYTES = 1 << 30  # bytes of the per-chunk buffer (dL/dlogits, or the stored exponentials) in the backward
 GROUP_N = 8  # token blocks per group of the grouped tile order
@@ -68,7 +68,7 @@ def _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size
         acc += tl.load(bias_ptr + offs_v.to(tl.int64) * stride_bias_v, mask=in_vocab, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         acc = soft_cap(acc, cap, cap_scale)
-    return tl.where(in_vocab[None, :], acc, float("-inf"))
+    return acc
 
 
 @triton.jit
@@ -164,18 +164,20 @@ def linear_logprob_fwd_kernel(
         b_y = _logits_tile(h_rows, w_ptr, bias_ptr, offs_v, in_rows, in_vocab, hidden_size, stride_w_v,
                            stride_bias_v, cap, cap_scale, HAS_BIAS, SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V,
                            BLOCK_H)
+        b_y = tl.where(in_vocab[None, :], b_y, float("-inf"))
         tile_max = tl.max(b_y, axis=1)
         tile_safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)  # a tile of -inf logits must not give NaN
         b_d = (b_y - tile_safe[:, None]) * s
         b_e = tl.exp(b_d)
+        if ENTROPY:  # the tile's own A first, while b_d is live (then only b_e is): fewer registers
+            # two sums, not one tl.reduce of both: as many registers, and the interpreter runs a combine_fn slowly
+            tile_ent = tl.sum(xlogx_term(b_e, b_d), axis=1)
+        tile_sum = tl.sum(b_e, axis=1)
         m_new = tl.maximum(m, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         d_old, d_tile = (m - m_safe) * s, (tile_safe - m_safe) * s
         alpha, beta = tl.exp(d_old), tl.exp(d_tile)
-        tile_sum = tl.sum(b_e, axis=1)
         if ENTROPY:  # both partials (the sums so far, the tile's) moved to the new max: e^d (A + d L)
-            # two sums, not one tl.reduce of both: as many registers, and the interpreter runs a combine_fn slowly
-            tile_ent = tl.sum(xlogx_term(b_e, b_d), axis=1)
             acc_ent = (alpha * acc_ent + xlogx_term(alpha, d_old) * acc_exp + beta * tile_ent
                        + xlogx_term(beta, d_tile) * tile_sum)
         acc_exp = acc_exp * alpha + tile_sum * beta
@@ -319,20 +321,17 @@ def linear_grad_from_exp_kernel(
 # plans: shapes, dtypes and the device -> launches (no tensor values read; meta tensors work)
 
 
-def tile_config(dtype: torch.dtype, hidden_size: int, device: Device, store: bool = False) -> dict:
-    """The meta-parameters of the logits tiles: block sizes from the dtype and H (never from N), dot precision.
-
-    16-bit inputs: 128 tokens x 128 vocabulary rows x 64 of H, 8 warps (two wgmma warpgroups on sm_90), 4 stages
-    on sm_90 (128 KB of shared memory), 3 on sm_80; ``store`` (the forward that also writes the exponentials):
-    128 x 64, whose stores would otherwise take the registers past 168. fp32/fp64: 64 x 64 x 32, 4 warps."""
+def tile_config(dtype: torch.dtype, hidden_size: int, device: Device, store: bool = False,
+                heavy: str = "") -> dict:
+    """The meta-parameters of the logits tiles: block sizes, warps and stages from the dtype, H and the device
+    (never from N; :func:`.plan.linear_tiles` says which family of devices gets which, and why), dot precision
+    (:func:`.plan.dot_precision`). ``store``: the forward that also writes the exponentials (128 x 64 tiles, whose
+    stores would otherwise take the registers past 168 on sm_90); ``heavy``: "forward" / "backward" for that kernel
+    with an entropy term and a soft-cap in one epilogue (:func:`.plan.linear_tiles`)."""
     wide = dtype in (torch.float32, torch.float64)
     upcast = dtype == torch.float64 or (dtype == torch.bfloat16 and device.interpreter)
-    if wide:
-        return dict(UPCAST=upcast, DOT_PRECISION="ieee", GROUP_N=GROUP_N, BLOCK_N=64, BLOCK_V=64,
-                    BLOCK_H=max(16, min(32, triton.next_power_of_2(hidden_size))), num_warps=4, num_stages=2)
-    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32", GROUP_N=GROUP_N, BLOCK_N=128,
-                BLOCK_V=64 if store else 128, BLOCK_H=max(16, min(64, triton.next_power_of_2(hidden_size))),
-                num_warps=8, num_stages=4 if device.arch >= 90 else 3)
+    return dict(UPCAST=upcast, DOT_PRECISION=dot_precision(wide, device), GROUP_N=GROUP_N,
+                **linear_tiles(4 if wide else 2, hidden_size, device, store, heavy))
 
 
 def num_splits(num_rows: int, vocab_size: int, config: dict, device: Device) -> int:
@@ -384,7 +383,7 @@ def forward_plan(rows, weight, bias, scored, target, parts, spec: LogitSpec, dev
     if parts.dim() != 3 or parts.shape[0] not in (3, 4):
         raise ValueError(f"parts must be (3, splits, M), or (4, splits, M) with entropy, got {tuple(parts.shape)}")
     entropy = parts.shape[0] == 4
-    config = tile_config(rows.dtype, weight.shape[1], device, store)
+    config = tile_config(rows.dtype, weight.shape[1], device, store, _heavy("forward", entropy, spec))
     num_rows, splits = scored.shape[0], parts.shape[1]
     pointers, sizes = _operand_args(rows, weight, bias)
     vocab_blocks = triton.cdiv(weight.shape[0], config["BLOCK_V"])
@@ -406,12 +405,12 @@ def backward_plan(rows, weight, bias, chunk, target, norm, coefs: Coefs, grad, s
 
     target (N,) int64; norm (2, M_c) float32 from the forward, coefs (backend.Coefs, (M_c,) float32 each) of the
     chunk's rows; with coefs.entropy the ENTROPY variant."""
-    config = tile_config(rows.dtype, weight.shape[1], device)
+    entropy = coefs.entropy is not None
+    config = tile_config(rows.dtype, weight.shape[1], device, heavy=_heavy("backward", entropy, spec))
     num_rows = chunk.shape[0]
     pointers, sizes = _operand_args(rows, weight, bias)
     _check_chunk(grad)
     _check_rows_of(num_rows, norm, coefs)
-    entropy = coefs.entropy is not None
     grid = (triton.cdiv(num_rows, config["BLOCK_N"]) * triton.cdiv(weight.shape[0], config["BLOCK_V"]),)
     per_token = (coefs.token_entropy, coefs.entropy) if entropy else (coefs.logprob, coefs.logprob)
     args = (*pointers, chunk, target, norm, coefs.logprob, *per_token, grad, num_rows, *sizes, grad.stride(0),
@@ -421,21 +420,29 @@ def backward_plan(rows, weight, bias, chunk, target, norm, coefs: Coefs, grad, s
                 _label("linear_bwd" + _variant(entropy, spec), rows, weight, bias, config))
 
 
-def grad_from_exp_plan(exp, tile_max, target, norm, coefs: Coefs, spec: LogitSpec, block_v: int) -> Plan:
+def grad_from_exp_plan(exp, tile_max, target, norm, coefs: Coefs, spec: LogitSpec, block_v: int,
+                       device: Device = None) -> Plan:
     """exp (M_c, V) from forward_plan(exp=...) -> dx in place; target (M_c,) int64, norm (2, M_c), coefs of its
     rows. ``block_v``: the BLOCK_V of that forward (tile_max holds one float per row and BLOCK_V columns). No
-    soft-cap variant: dy/dx needs y, which the exponentials do not keep (a capped call recomputes instead)."""
+    soft-cap variant: dy/dx needs y, which the exponentials do not keep (a capped call recomputes instead). 128
+    threads (4 warps; 2 of AMD CDNA's 64 threads), so that each moves 16 bytes of a 16 x 64 bf16 tile."""
     num_rows, vocab_size = exp.shape
     _check_chunk(exp)
     _check_rows_of(num_rows, norm, coefs)
     entropy = coefs.entropy is not None
     grid = (triton.cdiv(num_rows, GRAD_BLOCK_N), triton.cdiv(vocab_size, block_v))
     per_token = (coefs.token_entropy, coefs.entropy) if entropy else (coefs.logprob, coefs.logprob)
+    num_warps = 128 // (32 if device is None else device.warp_size)
     return Plan(linear_grad_from_exp_kernel, grid,
                 (exp, tile_max, target, norm, coefs.logprob, *per_token, num_rows, vocab_size, exp.stride(0),
                  tile_max.stride(0), spec.s),
-                dict(ENTROPY=entropy, BLOCK_N=GRAD_BLOCK_N, BLOCK_V=block_v, num_warps=4),
+                dict(ENTROPY=entropy, BLOCK_N=GRAD_BLOCK_N, BLOCK_V=block_v, num_warps=num_warps),
                 f"linear_grad_from_exp{_variant(entropy, spec)} V={vocab_size} {_dtype_name(exp.dtype)}")
+
+
+def _heavy(kernel: str, entropy: bool, spec: LogitSpec) -> str:
+    """``kernel`` where its epilogue holds both an entropy term and a soft-cap (tile_config's ``heavy``), else ""."""
+    return kernel if entropy and spec.softcap is not None else ""
 
 
 def _variant(entropy: bool, spec: LogitSpec) -> str:
@@ -485,7 +492,8 @@ class _LinearWork:
         self.weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         self.target = target
         self.device = device_of(rows.device)
-        self.config = tile_config(rows.dtype, weight.shape[1], self.device)
+        # the forward's tiles (num_splits sizes the partials from them): heavy with entropy under a soft-cap
+        self.config = tile_config(rows.dtype, weight.shape[1], self.device, heavy=_heavy("forward", entropy, spec))
         self.store_config = tile_config(rows.dtype, weight.shape[1], self.device, store=True)
         self.scored = (target >= 0).nonzero().squeeze(1)
         self.flat_hidden = layout.flat_rows(rows)
@@ -541,7 +549,7 @@ class _LinearWork:
         if kept and self._kept is not None:
             exp, tile_max = self._kept
             launch(grad_from_exp_plan(exp, tile_max, self.target[tokens], norm, coefs, self.spec,
-                                      self.store_config["BLOCK_V"]))
+                                      self.store_config["BLOCK_V"], self.device))
             grad = exp
         else:
             grad = self._buffer("chunk", tokens.numel(), self.weight.shape[0], self.rows.dtype)

@@ -23,7 +23,7 @@ divisibility by 16, so this adds at most a few variants and never recompiles for
 specialised.
 
 Each launcher is a pure plan (:func:`forward_plan`, :func:`backward_plan`: shapes, dtypes, device -> Plan) and
-:func:`~.plan.launch`; tests/test_aot.py compiles the same plans ahead of time.
+:func:`~.plan.launch`; tests/test_aot.py compiles the same plans for nine NVIDIA and AMD targets without a GPU.
 """
 
 import torch
@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from ..backend import Coefs, LogitSpec, TokenStats
-from .plan import Device, Plan, check_flat, device_of, launch
+from .plan import Device, Plan, check_flat, device_of, launch, row_options
 
 MAX_WARPS = 8
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -232,13 +232,17 @@ def token_logprob_bwd_kernel(
 # plans
 
 
-def block_params(vocab_size: int, itemsize: int, vectors: int) -> dict:
+def block_params(vocab_size: int, itemsize: int, vectors: int, device: Device = None) -> dict:
     """BLOCK_V and num_warps from V and the logits' element size: ``vectors`` 16-byte vectors per thread at
-    MAX_WARPS warps (forward: 2048 bf16 / 1024 fp32 logits a block, which keeps its per-lane state at 64 / 48
-    registers; backward: 4096 / 2048), and fewer warps for a small V."""
+    MAX_WARPS warps of 32 threads (forward: 2048 bf16 / 1024 fp32 logits a block, which keeps its per-lane state at
+    64 / 48 registers; backward: 4096 / 2048), and fewer warps for a small V or wider warps (AMD CDNA's 64 threads:
+    the same block and the same 16 bytes per thread on half the warps). Compile options from
+    :func:`.plan.row_options` (sm_120's register cap)."""
     per_thread = vectors * max(1, 16 // itemsize)
     block_v = min(triton.next_power_of_2(vocab_size), MAX_WARPS * 32 * per_thread)
-    return dict(BLOCK_V=block_v, num_warps=max(1, min(MAX_WARPS, block_v // (32 * per_thread))))
+    warp_size = 32 if device is None else device.warp_size
+    num_warps = max(1, min(MAX_WARPS, block_v // (warp_size * per_thread)))
+    return dict(BLOCK_V=block_v, num_warps=num_warps, **(row_options(device, num_warps) if device else {}))
 
 
 def _check_rows(name: str, rows: torch.Tensor) -> None:
@@ -259,8 +263,8 @@ def forward_plan(rows, target, out: TokenStats, spec: LogitSpec, device: Device)
     """The forward launch: rows (B', T', V) logits, target (N,) int64; writes out.logprob (N,), out.norm (2, N) and,
     when not None, out.entropy (N,), float32 (the ENTROPY variant).
 
-    Reads shapes, strides and dtypes only (works on meta tensors); ``device`` is unused (the choice depends on V
-    and the dtype alone) but part of every plan's signature."""
+    Reads shapes, strides and dtypes only (works on meta tensors); of ``device``, :func:`block_params` reads the
+    warp width and compile options."""
     _check_rows("rows", rows)
     num_b, seq_len, vocab_size = rows.shape
     num_rows = target.numel()
@@ -272,7 +276,7 @@ def forward_plan(rows, target, out: TokenStats, spec: LogitSpec, device: Device)
         token_logprob_fwd_kernel, (num_rows,),
         (rows, target, out.logprob, out.norm, out.entropy if entropy else out.logprob, vocab_size, seq_len, num_rows,
          rows.stride(0), rows.stride(1), *_spec_args(spec)),
-        dict(block_params(vocab_size, rows.element_size(), FWD_VECTORS), ENTROPY=entropy,
+        dict(block_params(vocab_size, rows.element_size(), FWD_VECTORS, device), ENTROPY=entropy,
              SOFTCAP=spec.softcap is not None),
         label=f"token_fwd{_variant(entropy, spec)} V={vocab_size} {_dtype_name(rows.dtype)}",
     )
@@ -298,7 +302,7 @@ def backward_plan(rows, target, norm, coefs: Coefs, spec: LogitSpec, out, device
         token_logprob_bwd_kernel, (num_rows,),
         (rows, target, norm, coefs.logprob, *per_token, out, vocab_size, seq_len, num_rows, rows.stride(0),
          rows.stride(1), out.stride(0), out.stride(1), *_spec_args(spec)),
-        dict(block_params(vocab_size, rows.element_size(), BWD_VECTORS), ENTROPY=entropy,
+        dict(block_params(vocab_size, rows.element_size(), BWD_VECTORS, device), ENTROPY=entropy,
              SOFTCAP=spec.softcap is not None),
         label=f"token_bwd{_variant(entropy, spec)} V={vocab_size} {_dtype_name(rows.dtype)}",
     )
