@@ -447,14 +447,3 @@ def test_inapplicable_options_warn_and_bad_options_raise(tmp_path):
         GVPOTrainer(model=make_model(8), reward_funcs=reward_from_text,
                     args=trl.GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
                                         report_to="none", use_cpu=True))
-
-
-def test_refuses_a_model_with_scaled_logits(tmp_path):
-    tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer))
-    model.config.logit_scale = 0.5
-    args = GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, report_to="none",
-                      use_cpu=True)
-    with pytest.raises(ValueError, match="logit_scale"):
-        GVPOTrainer(model=model, reward_funcs=reward_from_text, args=args,
-                    train_dataset=datasets.Dataset.from_dict({"prompt": ["a b"] * 4}), processing_class=tokenizer)
