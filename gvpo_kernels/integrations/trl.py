@@ -38,25 +38,11 @@ In steps 3 and 4 the LM head runs in the precision of TRL's own fused LM head (:
 bf16 model), autocast off; otherwise the autocast dtype under mixed precision (``bf16=True``, TRL's default), else
 the weight's dtype; accumulation is float32 in every case.
 
-**Logit transforms.** Models whose logits are ``softcap * tanh(lm_head(hidden) * scale / softcap)`` (Gemma-2/3,
-Grok-style soft-capping) or ``lm_head(hidden) * scale`` (Cohere, Falcon-H1; Granite and MiniCPM3 divide) are read
-from the model's config by :func:`logit_transform` and passed to the loss and the log-prob passes as ``softcap`` /
-``logit_scale``, as TRL's own fused head does. A config it cannot interpret is refused at construction; and the
-first forward of each model (the policy and TRL's reference model) checks the transformed LM head on its hidden
-state against the model's own last-position logits, so that a model that transforms its logits some other way
-(or that ignores a field its config sets) is refused before any update.
-
-**Entropy bonus.** TRL's ``entropy_coef`` and ``use_adaptive_entropy`` keep TRL's meaning: the loss of each
-micro-batch is GVPO's minus the applied coefficient times the mean entropy over its scored tokens (every token
-weighs the same), the whole divided by the accumulation steps, so the accumulated gradient is TRL's. With
-``use_adaptive_entropy`` the coefficient is applied only while the entropy of the last optimizer step's window
-(all processes, all micro-batches, token-weighted) is at or below ``entropy_target`` (not before the first such
-measurement), and moves by ``entropy_coef_delta`` within ``[entropy_coef_min, entropy_coef_max]`` at each
-optimizer step of training; its state is saved in and restored from checkpoints by TRL's own code
-(``entropy_ctrl_state.json``). The bonus is fused into the same call (``entropy_coef`` of
-:func:`gvpo_kernels.linear_gvpo_loss`): no further pass. As TRL logs: ``policy_loss`` (the GVPO part of the
-micro-batch's loss, before the division) whenever a bonus is configured, and ``entropy_coef`` at each optimizer
-step of training.
+**Logit transforms** (Gemma-2's soft-cap, Cohere's scale, Granite's divisor, ...) are read from the model's config by
+:func:`logit_transform` and passed on as ``softcap`` / ``logit_scale``; the first forward of each model checks the
+transformed head against the model's own logits. **TRL's entropy bonus** (``entropy_coef``, ``use_adaptive_entropy``)
+is the ``entropy_coef`` of the same fused call, with TRL's semantics (per-micro-batch token mean, divided by the
+accumulation steps; the adaptive controller: :meth:`GVPOTrainer._update_entropy_controller`).
 
 GRPOConfig options that do not apply to GVPO (a warning names each one set to a non-default value):
 ``epsilon``, ``epsilon_high``, ``delta`` (no ratio clipping: GVPO has no importance ratio), ``loss_type`` and its
