@@ -139,6 +139,7 @@ def test_two_training_steps_match_reference_and_move_parameters(tmp_path):
     assert "lm_head.weight" in moved and any("layers.0" in n for n in moved)
     logged = [h for h in trainer.state.log_history if "gvpo/loss" in h]
     assert len(logged) == 2 and all(math.isfinite(h["gvpo/loss"]) for h in logged)
+    assert not any("policy_loss" in h or "entropy_coef" in h for h in trainer.state.log_history)  # no bonus: as TRL
 
 
 def test_fixed_batch_loss_and_gradients_equal_reference(tmp_path):
@@ -428,6 +429,9 @@ def test_inapplicable_options_warn_and_bad_options_raise(tmp_path):
         named = warn_inapplicable_options(args)
     assert named == ["epsilon", "loss_type", "scale_rewards"]
     assert len([w for w in caught if "GVPOTrainer ignores" in str(w.message)]) == 3
+    args = GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, entropy_coef=0.1,
+                      use_adaptive_entropy=True, entropy_target=1.0, report_to="none", use_cpu=True)
+    assert warn_inapplicable_options(args) == []  # TRL's entropy options are honoured
     with pytest.raises(ValueError, match="gvpo_beta"):
         GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, gvpo_beta=0.0,
                    report_to="none", use_cpu=True)
@@ -447,14 +451,3 @@ def test_inapplicable_options_warn_and_bad_options_raise(tmp_path):
         GVPOTrainer(model=make_model(8), reward_funcs=reward_from_text,
                     args=trl.GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
                                         report_to="none", use_cpu=True))
-
-
-def test_refuses_a_model_with_scaled_logits(tmp_path):
-    tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer))
-    model.config.logit_scale = 0.5
-    args = GVPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2, report_to="none",
-                      use_cpu=True)
-    with pytest.raises(ValueError, match="logit_scale"):
-        GVPOTrainer(model=model, reward_funcs=reward_from_text, args=args,
-                    train_dataset=datasets.Dataset.from_dict({"prompt": ["a b"] * 4}), processing_class=tokenizer)

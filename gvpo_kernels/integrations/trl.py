@@ -18,15 +18,16 @@ tools and environments, logging. Only these steps change:
    GVPO centres within a group: a group cut across micro-batches would be centred over its pieces.
 3. ``_compute_loss`` runs the model once for the last hidden state (``logits_to_keep=1``: no (B, T, V) logits
    are built), and calls :func:`gvpo_kernels.linear_gvpo_loss` on it and the LM head with TRL's completion mask
-   (times its tool mask), TRL's sampling ``temperature``, the groups above and the anchor ``gvpo_anchor`` names:
-   "old" (the default, the official recipe's): TRL's ``old_per_token_logps`` when TRL computed them
-   (``num_iterations > 1``, ``steps_per_generation`` larger than ``gradient_accumulation_steps``, or vLLM),
-   otherwise the policy itself (on-policy: the anchor equals the current policy before the update, so TRL skips
-   that forward pass); "ref": TRL's ``ref_per_token_logps``, the log-probs of the frozen reference model that TRL
-   loads when ``beta != 0`` (the adapter-free model under PEFT; refreshed with ``sync_ref_model``). The loss is
-   the mean over the groups of the micro-batch, divided by the number of gradient-accumulation steps as TRL does
-   for its own losses. TRL's ``entropy`` metric (the mean over the scored completion tokens of the policy's
-   entropy, over all processes) is logged from the same pass (``GVPOStats.entropy``).
+   (times its tool mask), TRL's sampling ``temperature``, the model's logit transform (below), the groups above,
+   TRL's entropy bonus (below) and the anchor ``gvpo_anchor`` names: "old" (the default, the official recipe's):
+   TRL's ``old_per_token_logps`` when TRL computed them (``num_iterations > 1``, ``steps_per_generation`` larger
+   than ``gradient_accumulation_steps``, or vLLM), otherwise the policy itself (on-policy: the anchor equals the
+   current policy before the update, so TRL skips that forward pass); "ref": TRL's ``ref_per_token_logps``, the
+   log-probs of the frozen reference model that TRL loads when ``beta != 0`` (the adapter-free model under PEFT;
+   refreshed with ``sync_ref_model``). The loss is the mean over the groups of the micro-batch, divided by the number
+   of gradient-accumulation steps as TRL does for its own losses. TRL's ``entropy`` metric (the mean over the scored
+   completion tokens of the policy's entropy, over all processes) is logged from the same pass
+   (``GVPOStats.entropy``).
 4. ``_get_per_token_logps_and_entropies``, TRL's old-policy and reference log-prob passes, keeps TRL's batching
    and its multimodal inputs but runs each chunk's model for the last hidden state only and calls
    :func:`gvpo_kernels.linear_token_logprobs` on it: the same (B, C) float32 log-probs (and entropies when asked),
@@ -37,23 +38,29 @@ In steps 3 and 4 the LM head runs in the precision of TRL's own fused LM head (:
 bf16 model), autocast off; otherwise the autocast dtype under mixed precision (``bf16=True``, TRL's default), else
 the weight's dtype; accumulation is float32 in every case.
 
+**Logit transforms** (Gemma-2's soft-cap, Cohere's scale, Granite's divisor, ...) are read from the model's config by
+:func:`logit_transform` and passed on as ``softcap`` / ``logit_scale``; the first forward of each model checks the
+transformed head against the model's own logits. **TRL's entropy bonus** (``entropy_coef``, ``use_adaptive_entropy``)
+is the ``entropy_coef`` of the same fused call, with TRL's semantics (per-micro-batch token mean, divided by the
+accumulation steps; the adaptive controller: :meth:`GVPOTrainer._update_entropy_controller`).
+
 GRPOConfig options that do not apply to GVPO (a warning names each one set to a non-default value):
 ``epsilon``, ``epsilon_high``, ``delta`` (no ratio clipping: GVPO has no importance ratio), ``loss_type`` and its
 ``sapo_*`` / ``vespo_*`` options, ``importance_sampling_level``, ``scale_rewards`` and
 ``multi_objective_aggregation`` (GVPO centres the weighted reward sum inside its loss and never divides by a
 standard deviation), ``beta`` (TRL's KL penalty is not added; GVPO's own KL coefficient is ``gvpo_beta``. A
 non-zero ``beta`` only makes TRL load and run the reference model, which ``gvpo_anchor="ref"`` needs and
-``gvpo_anchor="old"`` leaves unused: leave ``beta`` at 0 there), ``top_entropy_quantile``, ``entropy_coef``,
-``use_adaptive_entropy`` and ``off_policy_mask_threshold``. ``vllm_importance_sampling_*`` has no effect either
-(GVPO needs no importance sampling; with vLLM the "old" anchor is the training model's log-probs of the sampled
-tokens). TRL's ``clip_ratio/*`` and ``kl`` metrics are not logged; ``entropy`` and the ``gvpo/*`` metrics are (the
-loss, the mean implicit reward ``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``). With ``gvpo_anchor="ref"``,
-TRL still computes ``old_per_token_logps`` where it would for GRPO (``num_iterations > 1``, ...), unused.
+``gvpo_anchor="old"`` leaves unused: leave ``beta`` at 0 there), ``top_entropy_quantile`` (every scored token enters
+the loss and the entropy bonus) and ``off_policy_mask_threshold``. ``vllm_importance_sampling_*`` has no effect
+either (GVPO needs no importance sampling; with vLLM the "old" anchor is the training model's log-probs of the
+sampled tokens). TRL's ``clip_ratio/*`` and ``kl`` metrics are not logged; ``entropy``, ``policy_loss`` /
+``entropy_coef`` (with an entropy bonus) and the ``gvpo/*`` metrics are (the GVPO loss, the mean implicit reward
+``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``). With ``gvpo_anchor="ref"``, TRL still computes
+``old_per_token_logps`` where it would for GRPO (``num_iterations > 1``, ...), unused.
 
-Limits: the model must compute its logits as ``lm_head(last hidden state)``; logit scaling or soft-capping (Gemma-2,
-Cohere, Granite, ...) is refused at construction (the policy and TRL's reference model), and the first forward of
-each checks its hidden state against its own last-position logits. DeepSpeed ZeRO-3 is refused (the LM head's weight is read outside its module); FSDP2
-DTensor weights are gathered with ``full_tensor()``; an LM head carrying a PEFT adapter is refused.
+Limits: the model's logits must be its LM head on the last hidden state, transformed as above at most. DeepSpeed
+ZeRO-3 is refused (the LM head's weight is read outside its module); FSDP2 DTensor weights are gathered with
+``full_tensor()``; an LM head carrying a PEFT adapter is refused.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -83,15 +90,85 @@ INAPPLICABLE_OPTIONS = {
     "multi_objective_aggregation": "GVPO uses the weighted sum of the reward functions",
     "beta": "TRL's KL penalty is not added; GVPO's KL coefficient is gvpo_beta, and with gvpo_anchor='old' the "
             "reference model TRL loads for beta != 0 is unused (leave beta=0)",
-    "top_entropy_quantile": "every completion token is scored",
-    "entropy_coef": "no entropy bonus is added",
-    "use_adaptive_entropy": "no entropy bonus is added",
+    "top_entropy_quantile": "every scored completion token enters the loss and the entropy bonus",
     "off_policy_mask_threshold": "no off-policy sequence mask is applied",
 }
 
-# Config attributes of models whose logits are not plain lm_head(hidden): linear_gvpo_loss cannot reproduce them.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+# How transformers 5.x's causal LMs transform lm_head(hidden) before the softmax, by config field (of the text config):
+# logits = softcap * tanh(lm_head(hidden) * scale / softcap), or lm_head(hidden) * scale without a soft-cap.
+SOFTCAP_FIELD = "final_logit_softcapping"  # Gemma-2/3/3n/4, VaultGemma, Nanochat, Mistral-Large-4, PaliGemma, ...
+# Fields that multiply the logits: Cohere / Cohere2 / Cohere2-MoE / Aya Vision (logit_scale), Muse Glimmer / Spark
+# (output_multiplier, before their soft-cap), Falcon-H1 (lm_head_multiplier).
+MULTIPLIER_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+# logits_scaling divides in Granite's family and MiniCPM3 (which divides the bias-free head's input, the same thing)
+# and multiplies in HyperCLOVA X: its meaning depends on the model type, and an unlisted type is refused.
+LOGITS_SCALING_DIVIDES = frozenset({"granite", "granitemoe", "granitemoehybrid", "granitemoeshared", "granite_swa",
+                                    "granitemoe_swa", "granite_docling_text", "granite4_vision_text", "minicpm3"})
+LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``lm_head(hidden)`` before the softmax: the softmax sees
+    ``softcap * tanh(z * logit_scale / softcap) / temperature`` (``z * logit_scale / temperature`` when ``softcap``
+    is None). The keywords of the same names of :func:`gvpo_kernels.linear_gvpo_loss`."""
+
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The transformed logits, in float32 math (any shape)."""
+        z = logits.float() * self.logit_scale
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+    def describe(self) -> str:
+        scaled = "lm_head(hidden)" if self.logit_scale == 1.0 else f"lm_head(hidden) * {self.logit_scale:g}"
+        if self.softcap is None:
+            return scaled
+        return f"{self.softcap:g} * tanh({scaled} / {self.softcap:g})"
+
+
+def logit_transform(config) -> LogitTransform:
+    """The logit transform of a transformers model from its config (its text config for a multimodal one).
+
+    Reads ``final_logit_softcapping`` (a soft-cap), ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``
+    (multipliers) and ``logits_scaling`` (a divisor for Granite's family and MiniCPM3, a multiplier for HyperCLOVA
+    X), as transformers' modeling code applies them and TRL's fused LM head reads them. A field that is absent or
+    None, or a multiplier equal to 1, does nothing.
+
+    Raises:
+        ValueError: a value that is not a finite number > 0; ``logits_scaling`` on a model type whose use of it is
+            not known; two multiplier fields set at once (no known model does; which one applies is unknown).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_types = {getattr(text, "model_type", None), getattr(config, "model_type", None)} - {None, ""}
+
+    def number(name):
+        value = getattr(text, name, None)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"GVPOTrainer: the model's config sets {name}={value!r}; GVPOTrainer understands it only "
+                             "as a finite number > 0 that transforms the logits")
+        return float(value)
+
+    softcap = number(SOFTCAP_FIELD)
+    fields = {name: number(name) for name in (*MULTIPLIER_FIELDS, "logits_scaling")}
+    fields = {name: value for name, value in fields.items() if value is not None and value != 1.0}
+    if len(fields) > 1:
+        raise ValueError(f"GVPOTrainer: the model's config sets {', '.join(f'{n}={v!r}' for n, v in fields.items())}: "
+                         "no model GVPOTrainer knows combines them, so it cannot tell how its logits are computed")
+    scale = next(iter(fields.values()), 1.0)
+    if "logits_scaling" in fields:
+        if model_types & LOGITS_SCALING_DIVIDES:
+            scale = 1.0 / scale
+        elif not model_types & LOGITS_SCALING_MULTIPLIES:
+            raise ValueError(
+                f"GVPOTrainer: the model's config sets logits_scaling={scale!r}, which divides the logits in "
+                "Granite's family and MiniCPM3 and multiplies them in HyperCLOVA X; GVPOTrainer does not know what it "
+                f"does in a model of type {' / '.join(sorted(model_types)) or 'unknown'}, so it cannot reproduce "
+                "the model's log-probs")
+    return LogitTransform(softcap=softcap, logit_scale=scale)
 
 
 @dataclass
@@ -178,7 +255,7 @@ class GVPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, **kwargs)
         for net in (self.model, self.ref_model):
             if net is not None:
-                _check_plain_lm_head(self.accelerator.unwrap_model(net))
+                _check_lm_head(self.accelerator.unwrap_model(net))
         self._gvpo_rewards_per_func = None
         self._gvpo_heads_checked = set()  # id() of the causal LMs whose hidden state was checked against logits
 
@@ -224,7 +301,8 @@ class GVPOTrainer(GRPOTrainer):
     # ---- the loss ------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        """GVPO on one micro-batch: mean over its groups, divided by the gradient-accumulation steps in training."""
+        """GVPO on one micro-batch (mean over its groups) minus TRL's entropy bonus (the applied coefficient times the
+        mean entropy over the micro-batch's scored tokens), divided by the gradient-accumulation steps in training."""
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -239,16 +317,19 @@ class GVPOTrainer(GRPOTrainer):
             model_inputs["output_router_logits"] = True
         num_completion = completion_ids.size(1)
 
-        hidden, (weight, bias, dtype), aux_loss = self._last_hidden_state(model, model_inputs)
+        hidden, head, aux_loss = self._last_hidden_state(model, model_inputs)
         hidden = hidden[:, -num_completion - 1 : -1]  # hidden[:, t] scores completion token t
         anchor = inputs.get("old_per_token_logps") if self.args.gvpo_anchor == "old" else inputs["ref_per_token_logps"]
+        entropy_coef = self._applied_entropy_coef()
         with _no_autocast(hidden.device.type):
             loss, stats = linear_gvpo_loss(
-                hidden.to(dtype), weight.to(dtype), completion_ids, inputs["gvpo_rewards"],
-                bias=None if bias is None else bias.to(dtype), group_ids=inputs["gvpo_group_ids"], mask=mask.bool(),
-                ref_logprobs=anchor, beta=self.args.gvpo_beta, temperature=self.temperature, reduction="mean",
-                backend=self.args.gvpo_backend, return_stats=True)
+                hidden.to(head.dtype), head.weight.to(head.dtype), completion_ids, inputs["gvpo_rewards"],
+                bias=None if head.bias is None else head.bias.to(head.dtype), group_ids=inputs["gvpo_group_ids"],
+                mask=mask.bool(), ref_logprobs=anchor, beta=self.args.gvpo_beta, temperature=self.temperature,
+                softcap=head.transform.softcap, logit_scale=head.transform.logit_scale, entropy_coef=entropy_coef,
+                reduction="mean", backend=self.args.gvpo_backend, return_stats=True)
 
+        # As TRL: the whole loss, entropy bonus included, is divided by the accumulation steps (not in evaluation)
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         self._log_gvpo_metrics(mode, loss, stats, mask)
         loss = loss / normalizer
@@ -274,9 +355,10 @@ class GVPOTrainer(GRPOTrainer):
     def _last_hidden_state(self, model, model_inputs):
         """One forward through the (possibly wrapped) model with ``logits_to_keep=1``, so that the LM head computes
         logits at the last position only: the last hidden state (B, T, H) (the backbone's output, caught by a
-        forward hook, so that no other layer's output is kept), the LM head (weight (V, H), bias (V,) or None,
-        the dtype to run it in) and the MoE auxiliary loss or None. The first call on each model checks the
-        hidden state against the model's own last-position logits."""
+        forward hook, so that no other layer's output is kept), the LM head (:class:`_Head`: weight (V, H), bias
+        (V,) or None, the dtype to run it in, the model's logit transform) and the MoE auxiliary loss or None. The
+        first call on each model checks the transformed head on its hidden state against its own last-position
+        logits."""
         net = _causal_lm(self.accelerator.unwrap_model(model))
         caught = []
         hook = net.base_model.register_forward_hook(lambda module, args, output: caught.append(output))
@@ -294,24 +376,72 @@ class GVPOTrainer(GRPOTrainer):
         hidden = caught[-1].last_hidden_state if hasattr(caught[-1], "last_hidden_state") else caught[-1][0]
         weight, bias = _lm_head_params(net)
         dtype = lm_head_dtype(self.args.cast_lm_head_to_fp32, autocast_dtype, weight.dtype)
+        transform = logit_transform(net.config)
         if id(net) not in self._gvpo_heads_checked:
             # The model's own forward ran its head under autocast even when TRL cast it to fp32 (TRL's fp32 forward
             # does not leave autocast; only its fused head, and so the anchor, does): check in that precision.
             _check_hidden_matches_logits(hidden[:, -1], weight, bias, outputs.logits[:, -1],
-                                         autocast_dtype or weight.dtype)
+                                         autocast_dtype or weight.dtype, transform)
             self._gvpo_heads_checked.add(id(net))
-        return hidden, (weight, bias, dtype), getattr(outputs, "aux_loss", None)
+        return hidden, _Head(weight, bias, dtype, transform), getattr(outputs, "aux_loss", None)
+
+    # ---- TRL's entropy bonus -------------------------------------------------------------------------------
+
+    def _applied_entropy_coef(self) -> float:
+        """The coefficient of this micro-batch's entropy bonus, as TRL applies it: 0 without a bonus; the static
+        ``entropy_coef``; with ``use_adaptive_entropy``, the controller's coefficient while the entropy measured at
+        the last optimizer step is at or below ``entropy_target`` (none measured yet: +inf, no bonus), else 0. The
+        same for every micro-batch of an accumulation window: the controller moves only at its end."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        if self.use_adaptive_entropy and not self._last_world_entropy <= self.args.entropy_target:
+            return 0.0
+        return float(self.entropy_coef)
+
+    def _update_entropy_controller(self, mode, entropy_sum, token_count) -> None:
+        """TRL's adaptive entropy control: add the micro-batch's (entropy sum, scored-token count) to the window's;
+        at an optimizer-step boundary of training, measure the window's token mean over all processes, move the
+        coefficient by ``entropy_coef_delta`` toward more bonus when it is at or below ``entropy_target`` (less
+        otherwise) within ``[entropy_coef_min, entropy_coef_max]``, remember the measurement and reset the window.
+        TRL's ``_save_checkpoint`` / ``_load_optimizer_and_scheduler`` save and restore ``entropy_coef`` and
+        ``_last_world_entropy``. Evaluation never moves the controller."""
+        if not (self.use_adaptive_entropy and mode == "train"):
+            return
+        local = torch.stack([entropy_sum, token_count]).detach().float()
+        window = self._entropy_window_stats
+        self._entropy_window_stats = local if window is None else window + local
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+        args = self.args
+        if world_entropy <= args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window_stats = None
 
     def _log_gvpo_metrics(self, mode, loss, stats, mask):
-        """The gvpo/* metrics, and TRL's ``entropy``: the mean over all processes' scored tokens (``mask`` (B, C))
-        of the policy's entropy, from the per-sequence means of :class:`gvpo_kernels.GVPOStats`."""
+        """The gvpo/* metrics (``gvpo/loss``: the GVPO part of the loss, before the division by the accumulation
+        steps), TRL's ``entropy`` (the mean over all processes' scored tokens, ``mask`` (B, C), of the policy's
+        entropy, from the per-sequence means of :class:`gvpo_kernels.GVPOStats`) and, with an entropy bonus, TRL's
+        ``policy_loss`` (the same GVPO part) and ``entropy_coef`` (at optimizer-step boundaries of training, after
+        the adaptive controller moved); moves the adaptive controller."""
         gather = self.accelerator.gather
-        self._metrics[mode]["gvpo/loss"].append(gather(loss.detach()).mean().item())
-        self._metrics[mode]["gvpo/implicit_reward"].append(gather(stats.implicit_reward).mean().item())
-        self._metrics[mode]["gvpo/grad_seq_logprob_abs"].append(gather(stats.grad_seq_logprob.abs()).mean().item())
+        metrics = self._metrics[mode]
+        metrics["gvpo/loss"].append(gather(stats.gvpo_loss).mean().item())
+        metrics["gvpo/implicit_reward"].append(gather(stats.implicit_reward).mean().item())
+        metrics["gvpo/grad_seq_logprob_abs"].append(gather(stats.grad_seq_logprob.abs()).mean().item())
         counts = mask.sum(dim=1).float()
-        totals = self.accelerator.reduce(torch.stack([(stats.entropy * counts).sum(), counts.sum()]), reduction="sum")
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        local = torch.stack([(stats.entropy * counts).sum(), counts.sum()])
+        totals = self.accelerator.reduce(local.clone(), reduction="sum")
+        metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        if self._entropy_bonus_enabled:
+            metrics["policy_loss"].append(gather(stats.gvpo_loss).nanmean().item())
+            self._update_entropy_controller(mode, local[0], local[1])
+            if mode == "train" and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
 
 
 class _FusedTokenLogprobs:
@@ -328,14 +458,27 @@ class _FusedTokenLogprobs:
             raise RuntimeError("GVPOTrainer: TRL's _get_per_token_logps_and_entropies did not call the model with "
                                "fused_lm_head=True; this TRL version is not supported (tested: trl 1.16)")
         trainer = self.trainer
-        hidden, (weight, bias, dtype), aux_loss = trainer._last_hidden_state(self.model, model_inputs)
+        hidden, head, aux_loss = trainer._last_hidden_state(self.model, model_inputs)
         hidden, labels = hidden[:, :-1][:, -self.keep:], labels[:, 1:][:, -self.keep:]  # hidden[:, t] scores t + 1
+        dtype = head.dtype
         with _no_autocast(hidden.device.type):
-            out = linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels,
-                                        bias=None if bias is None else bias.to(dtype), temperature=trainer.temperature,
-                                        return_entropy=self.compute_entropy, backend=trainer.args.gvpo_backend)
+            out = linear_token_logprobs(hidden.to(dtype), head.weight.to(dtype), labels,
+                                        bias=None if head.bias is None else head.bias.to(dtype),
+                                        temperature=trainer.temperature, softcap=head.transform.softcap,
+                                        logit_scale=head.transform.logit_scale, return_entropy=self.compute_entropy,
+                                        backend=trainer.args.gvpo_backend)
         log_probs, entropy = out if self.compute_entropy else (out, None)
         return SimpleNamespace(log_probs=log_probs, entropy=entropy, aux_loss=aux_loss)
+
+
+class _Head(NamedTuple):
+    """The LM head as the fused calls run it: weight (V, H), bias (V,) or None, the dtype to run it in, and the
+    model's :class:`LogitTransform`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+    transform: LogitTransform
 
 
 def lm_head_dtype(cast_lm_head_to_fp32: bool, autocast_dtype: torch.dtype | None,
@@ -421,40 +564,39 @@ def _lm_head_params(model):
     return weight, bias
 
 
-def _check_plain_lm_head(model) -> None:
-    """Refuse models whose logits are not ``lm_head(last hidden state)``, and an LM head with a PEFT adapter."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1.0:
-            raise ValueError(f"GVPOTrainer: the model's config sets {name}={value!r}, so its logits are not "
-                             "lm_head(hidden); linear_gvpo_loss computes hidden @ W.T + b only")
+def _check_lm_head(model) -> None:
+    """Refuse a model whose logit transform :func:`logit_transform` cannot read, and an LM head with a PEFT
+    adapter."""
+    logit_transform(_causal_lm(model).config)
     head = model.get_output_embeddings()
     if head is not None and hasattr(head, "base_layer"):
         raise ValueError("GVPOTrainer: the lm_head carries a PEFT adapter; remove lm_head from the adapter's "
                          "target modules")
 
 
-def _check_hidden_matches_logits(hidden_last, weight, bias, model_logits, dtype) -> None:
-    """First step only: the hidden state we feed the fused loss must give the model's own logits.
+def _check_hidden_matches_logits(hidden_last, weight, bias, model_logits, dtype,
+                                 transform: LogitTransform = LogitTransform()) -> None:
+    """First step only: the hidden state and the transform we feed the fused loss must give the model's own logits.
 
     hidden_last (B, H), model_logits (B, V); dtype: the precision the model's own forward ran its LM head in (the
-    autocast dtype under mixed precision, else the weight's): the check recomputes the logits in it, with a
-    tolerance of a few roundings of that dtype. Catches a model whose ``hidden_states[-1]`` is not the LM head's
-    input (no final norm applied) or that transforms its logits in a way its config does not announce.
+    autocast dtype under mixed precision, else the weight's): the check recomputes the head's output in it, applies
+    ``transform`` in float32, with a tolerance of a few roundings of that dtype. Catches a model whose
+    ``hidden_states[-1]`` is not the LM head's input (no final norm applied), that transforms its logits in a way
+    its config does not announce, or that ignores a transform its config announces.
     """
     with torch.no_grad(), _no_autocast(hidden_last.device.type):
-        ours = torch.nn.functional.linear(hidden_last.to(dtype), weight.to(dtype),
-                                          None if bias is None else bias.to(dtype)).float()
+        ours = transform.apply(torch.nn.functional.linear(hidden_last.to(dtype), weight.to(dtype),
+                                                          None if bias is None else bias.to(dtype)))
         theirs = model_logits.float()
         scale = theirs.abs().max().clamp(min=1.0)
         tol = 1e-3 if dtype in (torch.float32, torch.float64) and model_logits.dtype != torch.bfloat16 else 3e-2
         if not torch.allclose(ours, theirs, rtol=tol, atol=tol * scale.item()):
             err = (ours - theirs).abs().max().item()
             raise RuntimeError(
-                "GVPOTrainer: hidden_states[-1] @ lm_head.weight.T does not reproduce the model's logits (max abs "
-                f"difference {err:.3g}); this model's LM head input is not its last hidden state, or it transforms "
-                "its logits, and linear_gvpo_loss cannot be used with it")
+                f"GVPOTrainer: {transform.describe()}, with hidden the backbone's last hidden state, does not "
+                f"reproduce the model's logits (max abs difference {err:.3g}); this model's LM head input is not its "
+                "last hidden state, or it transforms its logits in a way its config does not say (its config "
+                "announces the transform above), and linear_gvpo_loss cannot be used with it")
 
 
 def _refuse_zero3() -> None:
