@@ -93,9 +93,9 @@ def measure(task: dict, provider: Provider | None = None) -> dict:
     if reason:
         return dict(result, status="skipped", reason=reason)
     try:
-        if provider.ran:
-            result["note"] += f"; ran {provider.ran(device)}"
         result.update(check(provider, task))
+        if provider.ran:  # after the check's call: the backend that really ran it
+            result["note"] += f"; ran {provider.ran(device)}"
     except Exception as exc:
         return dict(result, status="failed", reason=f"check: {C.first_line(exc)}",
                     traceback=traceback.format_exc(limit=4))

@@ -253,9 +253,13 @@ def _backend_unavailable(backend):
 
 
 def _auto_backend(device: str) -> str:
-    """The backend that "auto" runs here: the device's native one if select_backend takes it by name, else torch."""
+    """The backend that "auto" ran here: what the package reports of its last call (after any fallback: a kernel
+    that cannot compile or launch on this GPU runs on torch), else the device's native one if select_backend takes
+    it by name, else torch."""
+    from gvpo_kernels.ops.select import last_backend
+
     native = "triton" if device == "cuda" else "cpu"
-    return native if _backend_unavailable(native)(device) is None else "torch"
+    return last_backend() or (native if _backend_unavailable(native)(device) is None else "torch")
 
 
 def _importable(module: str, cpu_reason: str | None = None, more: str = ""):

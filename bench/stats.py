@@ -94,12 +94,12 @@ def measure_shape(chosen: list[Provider], task: dict) -> list[dict]:
                 "check_against": "float64 reference" if provider.name == OURS else OURS}
         reason = provider.skip_reason(device)
         try:
-            if provider.ran and not reason:
+            checks = ({p: {"status": "skipped", "reason": reason} for p in task["passes"]} if reason
+                      else check(provider, task))
+            if provider.ran and not reason:  # after the check's calls: the backend that really ran them
                 base["note"] += f"; ran {provider.ran(device)}"
                 if provider.name == OURS:
                     base["backend"] = provider.ran(device)
-            checks = ({p: {"status": "skipped", "reason": reason} for p in task["passes"]} if reason
-                      else check(provider, task))
         except Exception as exc:
             checks = {p: {"status": "failed", "traceback": traceback.format_exc(limit=4),
                           "reason": f"check: {C.first_line(exc)}"} for p in task["passes"]}

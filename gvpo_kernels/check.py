@@ -45,6 +45,7 @@ import torch
 
 import gvpo_kernels as gk
 from gvpo_kernels import functional
+from gvpo_kernels.ops.select import last_backend
 
 # the test suite's tolerances (tests/cases.py): slack over PyTorch's own error, and the entropy's scale floor
 SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -308,15 +309,7 @@ def backend_name(device) -> str:
     """What backend="auto" picks for tensors on ``device``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        picked = functional.select_backend("auto", device)
-    name = getattr(picked, "__name__", "") or ""
-    if name.endswith(".cpu"):
-        return "cpu (C++)"
-    if name.endswith("torch_impl"):
-        return "torch"
-    if "group_stage" in dir(picked) and "triton" in str(getattr(picked.group_stage, "__module__", "")):
-        return "triton"
-    return name.rsplit(".", 1)[-1] or type(picked).__name__
+        return functional.select_backend("auto", device).name
 
 
 def plan_rows(full: bool) -> list:
@@ -360,10 +353,11 @@ def check_row(path, dtype_name, shape: Shape, layout, anchored, device, floors: 
         except Exception as exc:  # noqa: BLE001  (reported as a failed row, with the error)
             row.note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             return row
+    ran = last_backend()  # the backend of the call's backward, after any fallback (ops.select)
     fallbacks = [str(w.message) for w in caught if "backend" in str(w.message)]
-    if fallbacks:
-        row.backend += " -> fallback"
-        row.note = fallbacks[0][:200]
+    if fallbacks or ran != row.backend:
+        row.backend += f" -> {ran}"
+        row.note = (fallbacks or [""])[0][:200]
     errors = compare(got, baseline, oracle, dtype)
     row.errors = {k: [e, t] for k, (e, t) in errors.items()}
     worst = max(errors, key=lambda k: errors[k][0] / errors[k][1])

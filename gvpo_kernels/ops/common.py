@@ -9,6 +9,7 @@ torch.compile, through torch.library custom ops whose schemas are built from the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -120,6 +121,12 @@ class Stage:
 
     def __init__(self, impl, lay: Layout, opts: Options):
         self.impl, self.lay, self.opts = impl, lay, opts
+
+    def on(self, impl) -> "Stage":
+        """This stage with another backend's group stage (a fallback)."""
+        other = copy.copy(self)
+        other.impl = impl
+        return other
 
     def group(self, stats: TokenStats) -> tuple[TokenStats, GroupStats]:
         return stats, self.impl.group_stage(stats.logprob, self.lay, self.opts.beta)
@@ -234,6 +241,25 @@ class Call:
     lay: Layout
     impl: object
     stage: Stage
+
+    def on(self, impl) -> "Call":
+        """This call on another backend (a fallback)."""
+        return dataclasses.replace(self, impl=impl, stage=self.stage.on(impl))
+
+    def attempt(self, work):
+        """(the Call that ran, work(call)): ``work`` on this call's backend, or where a kernel cannot compile or
+        launch, on the torch backend under "auto" (select.attempt)."""
+        from .select import attempt
+
+        ran = []
+
+        def on_backend(impl):
+            call = self if impl is self.impl else self.on(impl)
+            ran[:] = [call]
+            return work(call)
+
+        result = attempt(self.opts.backend, self.impl, on_backend)
+        return ran[0], result
 
 
 def prepare(vocab_size: int, device, data: Data, opts: Options) -> Call:

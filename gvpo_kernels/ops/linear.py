@@ -62,7 +62,7 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, call: Call, needs):
-        outs, grads = forward(hidden, weight, bias, call, needs)
+        _, (outs, grads) = call.attempt(lambda c: forward(hidden, weight, bias, c, needs))
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*outs[1:])
         ctx.grads = grads
@@ -85,7 +85,7 @@ class _LinearLoss(torch.autograd.Function):
 def _loss_op(hidden, weight, bias, *args):
     data, needs, opts = Data(*args[:6]), args[6:9], Options.from_args(args[9:])
     call = prepare(weight.shape[0], hidden.device, data, opts)
-    outs, grads = forward(hidden, weight, bias, call, needs)
+    _, (outs, grads) = call.attempt(lambda c: forward(hidden, weight, bias, c, needs))
     return (*outs, *(like.new_empty((0,)) if d is None else d for d, like in zip(grads, (hidden, weight, weight))))
 
 

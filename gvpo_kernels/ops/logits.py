@@ -22,7 +22,7 @@ from .._alloc import empty
 from ..backend import Coefs
 from .common import (DATA_SCHEMA, Call, Data, Options, hand_out_once, no_double_backward, num_seqs, op_schema,
                      outputs, own_precision, prepare, scale_coefs)
-from .select import backend_for
+from .select import attempt, backend_for
 
 
 def gvpo_loss(logits: Tensor, data: Data, opts: Options, inplace_backward: bool):
@@ -48,11 +48,16 @@ def forward(logits: Tensor, call: Call):
 
 
 def backward(logits: Tensor, target: Tensor, norm: Tensor, coefs: Coefs, impl, opts: Options) -> Tensor:
-    """dL/dlogits, logits' shape and dtype, from the saved normaliser and coefficients (already times grad_loss)."""
+    """dL/dlogits, logits' shape and dtype, from the saved normaliser and coefficients (already times grad_loss);
+    on the torch backend where ``impl``'s kernel cannot run (select.attempt)."""
     rows = layout.as_rows(logits)
     grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    with own_precision(logits.device):
-        impl.token_backward(rows, target, norm, coefs, opts.spec, grad)
+
+    def work(backend):
+        with own_precision(logits.device):
+            backend.token_backward(rows, target, norm, coefs, opts.spec, grad)
+
+    attempt(opts.backend, impl, work)
     return grad.view(logits.shape)
 
 
@@ -62,7 +67,7 @@ class _LogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, call: Call):
-        outs, norm, coefs, _ = forward(logits, call)
+        call, (outs, norm, coefs, _) = call.attempt(lambda c: forward(logits, c))
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*outs[1:])
         ctx.save_for_backward(logits, norm, call.lay.target, *coefs)
@@ -94,11 +99,14 @@ class _InplaceLogitsLoss(torch.autograd.Function):
         if layout.has_overlap(layout.as_rows(logits)):
             raise ValueError("inplace_backward=True needs logits whose elements do not share memory (these are an "
                              "expanded or overlapping view); pass logits.contiguous() or inplace_backward=False")
-        outs, norm, coefs, rows = forward(logits, call)
-        stored_scale = _float16_headroom(coefs, call.opts.spec, rows.dtype)
-        with own_precision(logits.device):
-            call.impl.token_backward(rows, call.lay.target, norm, scale_coefs(coefs, stored_scale), call.opts.spec,
-                                     rows)
+        def forward_and_backward(c: Call):  # one attempt: a fallback reruns both (a failed kernel wrote nothing)
+            outs, norm, coefs, rows = forward(logits, c)
+            stored_scale = _float16_headroom(coefs, c.opts.spec, rows.dtype)
+            with own_precision(logits.device):
+                c.impl.token_backward(rows, c.lay.target, norm, scale_coefs(coefs, stored_scale), c.opts.spec, rows)
+            return outs, rows, stored_scale
+
+        _, (outs, rows, stored_scale) = call.attempt(forward_and_backward)
         torch.autograd.graph.increment_version(logits)
         ctx.mark_non_differentiable(*outs[1:])
         # not save_for_backward: its logits were overwritten on purpose
@@ -142,7 +150,7 @@ def _float16_headroom(coefs: Coefs, spec, dtype) -> Tensor:
 def _loss_op(logits, *args):
     data, opts = Data(*args[:6]), Options.from_args(args[6:])
     call = prepare(logits.shape[-1], logits.device, data, opts)
-    outs, norm, coefs, _ = forward(logits, call)
+    call, (outs, norm, coefs, _) = call.attempt(lambda c: forward(logits, c))
     extra = [logits.new_empty((0,), dtype=torch.float32) if c is None else c for c in coefs[1:]]  # no aliases
     return (*outs, norm, call.lay.target, coefs.logprob, *extra)
 

@@ -24,7 +24,7 @@ from .._alloc import empty
 from ..backend import upstream_coefs
 from .common import Data, Options, no_double_backward, op_schema, own_precision
 from .linear import head_for_kernels
-from .select import backend_for
+from .select import attempt, backend_for
 
 _DATA = "Tensor labels, Tensor? mask, Tensor? cu_seqlens"
 
@@ -54,11 +54,17 @@ def _targets(vocab_size: int, data: Data, opts: Options) -> Tensor:
                                 ignore_index=opts.ignore_index)
 
 
+def _run(opts: Options, device, target, work):
+    """``work(backend)`` on the backend of the call (select.attempt: the torch one where a kernel cannot run)."""
+    impl = backend_for(opts.backend, device, num_tokens=target.numel())
+    with own_precision(device):
+        return attempt(opts.backend, impl, work)
+
+
 def _forward(logits, data: Data, opts: Options):
     target = _targets(logits.shape[-1], data, opts)
-    impl = backend_for(opts.backend, logits.device, num_tokens=target.numel())
-    with own_precision(logits.device):
-        stats = impl.token_forward(layout.as_rows(logits), target, opts.spec, opts.entropy)
+    rows = layout.as_rows(logits)
+    stats = _run(opts, logits.device, target, lambda impl: impl.token_forward(rows, target, opts.spec, opts.entropy))
     return stats, target
 
 
@@ -66,30 +72,32 @@ def _backward(logits, target, norm, entropy, grad_logprob, grad_entropy, opts: O
     rows = layout.as_rows(logits)
     grad = empty(rows.shape, dtype=rows.dtype, device=rows.device)
     coefs = upstream_coefs(target, grad_logprob, grad_entropy, entropy, opts.spec)
-    impl = backend_for(opts.backend, logits.device, num_tokens=target.numel())
-    with own_precision(logits.device):
-        impl.token_backward(rows, target, norm, coefs, opts.spec, grad)
+    _run(opts, logits.device, target, lambda impl: impl.token_backward(rows, target, norm, coefs, opts.spec, grad))
     return grad.view(logits.shape)
 
 
 def _linear_forward(hidden, weight, bias, data: Data, opts: Options):
     target = _targets(weight.shape[0], data, opts)
-    impl = backend_for(opts.backend, hidden.device, num_tokens=target.numel())
+    rows = layout.as_rows(hidden)
     weight, bias = head_for_kernels(weight, bias)
-    with own_precision(hidden.device):
-        work = impl.linear_work(layout.as_rows(hidden), weight, bias, target, opts.spec, (False,) * 3, opts.entropy)
-        stats = schedule.forward(work, target.numel(), opts.entropy)
-    return stats, target
+
+    def work(impl):
+        linear_work = impl.linear_work(rows, weight, bias, target, opts.spec, (False,) * 3, opts.entropy)
+        return schedule.forward(linear_work, target.numel(), opts.entropy)
+
+    return _run(opts, hidden.device, target, work), target
 
 
 def _linear_backward(hidden, weight, bias, target, norm, entropy, grad_logprob, grad_entropy, needs, opts: Options):
     rows = layout.as_rows(hidden)
     weight, bias = head_for_kernels(weight, bias)
     coefs = upstream_coefs(target, grad_logprob, grad_entropy, entropy, opts.spec)
-    impl = backend_for(opts.backend, hidden.device, num_tokens=target.numel())
-    with own_precision(hidden.device):
-        work = impl.linear_work(rows, weight, bias, target, opts.spec, needs, entropy is not None)
-        grads = schedule.backward(work, norm, coefs)
+
+    def work(impl):
+        linear_work = impl.linear_work(rows, weight, bias, target, opts.spec, needs, entropy is not None)
+        return schedule.backward(linear_work, norm, coefs)
+
+    grads = _run(opts, hidden.device, target, work)
     return (None if grads.hidden is None else grads.hidden.reshape(hidden.shape)), grads.weight, grads.bias
 
 

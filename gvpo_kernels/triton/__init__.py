@@ -13,12 +13,19 @@ import os
 import torch
 
 
+OLDEST_TRITON = (3, 5)  # the oldest release the kernels are compiled and checked with (scripts/aot-oldest-triton.sh)
+
+
 def unavailable_reason(device: torch.device):
     """None when the Triton kernels can run on tensors on ``device``, else a sentence saying why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return f"Triton is not installed ({exc}); `pip install triton` on Linux"
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version < OLDEST_TRITON:
+        return (f"Triton {triton.__version__} is older than {'.'.join(map(str, OLDEST_TRITON))}, the oldest release "
+                "these kernels are checked with")
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":

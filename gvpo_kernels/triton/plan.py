@@ -207,10 +207,53 @@ class Plan:
     label: str = ""
 
 
+class LaunchError(RuntimeError):
+    """A kernel that could not be compiled or launched on this device (OutOfResources, a CompilationError, an API
+    the installed Triton lacks, device facts that cannot be read): ``kernel`` and ``device`` name it, ``__cause__``
+    is Triton's own error. gvpo_kernels.ops.select turns it into a fallback to the torch backend under "auto"."""
+
+    def __init__(self, kernel: str, device: str, error: BaseException):
+        self.kernel, self.device, self.error = kernel, device, error
+        super().__init__(f"the Triton kernel {kernel} cannot run on {device}: {type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+
+
+_FAILED: dict = {}  # (kernel name, device) -> the LaunchError of its first failure: never compiled again
+
+
 def launch(plan: Plan) -> None:
-    """Run ``plan`` on the current device (or in Triton's interpreter); a grid with no program launches nothing."""
-    if all(plan.grid):
-        plan.kernel[plan.grid](*plan.args, **plan.meta)
+    """Run ``plan`` on the current device (or in Triton's interpreter); a grid with no program launches nothing.
+    A compile or launch failure raises :class:`LaunchError` (and the kernel is not tried again on that device)."""
+    if not all(plan.grid):
+        return
+    name = getattr(plan.kernel, "__name__", None) or getattr(getattr(plan.kernel, "fn", None), "__name__", "kernel")
+    where = _current_device_name()
+    failed = _FAILED.get((name, where))
+    if failed is not None:
+        raise failed
+    try:
+        _run(plan)
+    except Exception as exc:  # noqa: BLE001  (any failure of Triton's compile or launch: see LaunchError)
+        error = LaunchError(name, where, exc)
+        _FAILED[(name, where)] = error
+        raise error from exc
+
+
+def _run(plan: Plan) -> None:
+    """Compile (first time) and launch: the one place a Triton kernel is called."""
+    plan.kernel[plan.grid](*plan.args, **plan.meta)
+
+
+def _current_device_name() -> str:
+    """The device a launch runs on, as a user reads it ("NVIDIA H100 80GB HBM3 (cuda:0)", or the interpreter)."""
+    import os
+
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return "the Triton interpreter"
+    index = torch.cuda.current_device()
+    return f"{torch.cuda.get_device_name(index)} (cuda:{index})"
 
 
 def check_flat(name: str, tensor, dtype) -> None:
@@ -250,7 +293,11 @@ def device_of(device) -> Device:
     device = torch.device(device)
     if device.type != "cuda":
         return _INTERPRETER
-    return _gpu_device(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return _gpu_device(index)
+    except Exception as exc:  # noqa: BLE001  (facts a plan cannot be sized from: no kernel can be planned)
+        raise LaunchError("(device facts)", f"cuda:{index}", exc) from exc
 
 
 @functools.lru_cache(maxsize=None)
