@@ -4,29 +4,16 @@ against this device's own floors.
     python -m gvpo_kernels.check [--device cpu|cuda] [--json PATH] [--full]      (or: gvpo-check ...)
 
 Each row runs one path forward and backward through the public API with backend="auto", as a training step would:
-the GVPO loss from logits (``gvpo_loss``) and from hidden states and an LM head (``linear_gvpo_loss``), per-token
-log-probs with entropy from either (``token_logprobs`` / ``linear_token_logprobs``, the gradient of a random
-combination of both); in bf16 and fp32; padded (B, T, ...) and packed (N, ...) with cu_seqlens; the losses with an
-anchor (ref_logprobs) and on-policy. A small shape runs every combination; a realistic one (an LM head's real
-vocabulary) runs every path in both dtypes and, across them, both layouts and both anchor modes (``--full``: every
-combination there too).
+the loss from logits and from hidden states + LM head, token log-probs with entropy from either; bf16 and fp32;
+padded and packed; anchored and on-policy; a small shape (every combination) and a realistic one.
 
-ok: every output (loss or log-probs and entropy, every gradient, the per-sequence statistics) is as close to the
-float64 reference (``gvpo_kernels.reference`` on float64 copies) as the test suite demands: no further than
-PyTorch's own error at the input dtype (the reference run at that dtype) plus a slack (tests/cases.py: 1e-5 in
-fp32, 1e-2 in bf16). err/tol is the worst output's error over its tolerance (<= 1 passes).
-
-Speed: ms is the median forward+backward time; % of floor is the floor's time over it, where the floor is measured
-on this device in the same run: 2 N V elements (each logit read once, each gradient element written once) at the
-copy bandwidth (bytes read + written) for the logits paths; 6 N H V flops (the logits, d_hidden and d_weight) at
-the best rate of torch.mm at the path's three GEMM shapes, in the row's dtype or fp32, for the linear paths
-(bench/run.py's floors). Peak memory: CUDA's max allocated during the call, above what was allocated before; on
-the CPU the growth of the process's peak RSS (reset per row, where Linux allows it; memory the allocator already
-holds from an earlier row does not count). Small shapes are dominated by call overheads: their % of floor says
-little.
-
-backend: what backend="auto" picks on this device (``functional.select_backend``); a row where the package warned
-that it fell back to another backend says so. Exit status 1 when any row is not ok.
+ok: every output is as close to the float64 reference as the test suite demands (PyTorch's own error at the input
+dtype plus tests/helpers/cases.py's slack); err/tol is the worst output's error over its tolerance. ms: the median
+forward+backward time; % of floor: the floor's time over it, the floor measured here in the same run (2 N V
+elements at the copy bandwidth for the logits paths; 6 N H V flops at torch.mm's best rate at the path's GEMM
+shapes for the linear ones). Peak memory: CUDA's max allocated, or on the CPU the growth of peak RSS. backend: what
+backend="auto" picks here, and "-> torch" where a kernel could not compile or launch and the call fell back
+(``ops.select.last_backend``). Exit status 1 when any row is not ok.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ chunks is gvpo_kernels/schedule.py's.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import platform
 import shutil

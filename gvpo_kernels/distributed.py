@@ -1,36 +1,21 @@
 """GVPO across ranks: groups whose sequences sit on several ranks, and a vocabulary split over ranks.
 
-Both losses take ``group_process_group=`` and ``vocab_process_group=``; when either is given they run here, on
-the same backend functions as a single process, with torch.distributed carrying only small tensors:
+Both losses take ``group_process_group=`` and ``vocab_process_group=``; when either is given they run ops' own
+eager autograd.Functions with this module's stage (:class:`RanksStage`), torch.distributed carrying small tensors:
 
-group_process_group (data parallel): each rank passes its own sequences and their *global* group ids (any
-    int64). Centring needs, per group, the count k, the sum of x_i = r_i - R_i and the sum of x_i^2 over every
-    rank. One all-reduce (MAX) of five int64: the largest id and the most distinct ids on a rank; an error flag,
-    so that a rank whose input failed its checks stops every rank instead of leaving them waiting; a code of the
-    settings and its negation, so that ranks that disagree on beta, temperature or reduction all raise. Then an
-    all-gather of each rank's distinct ids (U int64 per rank, U the most on a rank), which numbers the G groups
-    of the call 0..G-1 on every rank alike, and one all-reduce (SUM) of 3 G float64. Then d_i = x_i - mean_G x,
-    sum_G d^2 = sum x^2 - k mean^2, and every rank returns the global loss (reduction "mean" over the global
-    number of groups) and, for its own sequences, exactly the gradient that one process holding every sequence
-    would give them. Note that DDP/FSDP *average* gradients over ranks: multiply
-    the loss by the data-parallel world size (or sum the gradients) to step with the single-process gradient.
+- group_process_group (data parallel): each rank passes its own sequences with *global* group ids. The group sums
+  (count, sum of r - R and of its square: 3 G float64) are all-reduced; every rank gets the global loss and, for its
+  sequences, the gradient one process holding every sequence would give them (DDP/FSDP average gradients: scale
+  the loss by the world size to step with it). The entropy bonus's mean is over every rank's scored tokens.
+- vocab_process_group (tensor-parallel LM head): rank r holds a contiguous slice of the vocabulary (its rows of the
+  weight, or its columns of the logits), the same global labels on every rank. One all-gather of 4 float32 per
+  token (the slice's normaliser (shift, log_sum), its part of the label's log-prob and a flag of which slice holds
+  the label; a 5th with entropies) gives every rank the whole normaliser; a slice of -inf logits adds nothing.
 
-vocab_process_group (tensor-parallel LM head): rank r holds a contiguous slice of the vocabulary, after the slices
-    of ranks 0..r-1 (uneven slices are fine): its rows of the LM head weight (and bias), or its columns of the
-    logits. Labels are global ids, the same tokens on every rank. One all-gather of four int64 per rank (slice size,
-    error flag, a code of the settings and a fingerprint of the tokens: labels, mask, rewards, anchor, groups;
-    ranks that disagree all raise), one all-gather of 4 float32 per token (the slice's normaliser, shift and
-    log_sum, and its share of the label's log-prob with a flag of which slice holds the label; a 5th with
-    entropies); every rank then has the full normaliser and log-prob of every token. Each rank gets the gradient of its own weight slice (and logits columns) exactly as the
-    unsplit head gives it, and its slice's contribution to the hidden-state gradient: sum those over the
-    vocabulary group (as Megatron's column-parallel input region does in its backward) for the unsplit d_hidden.
-
-Every setting that changes what crosses the network or what a rank computes (the whole of ops.Options but the
-backend: beta, temperature, reduction, return_stats, ...) is in the settings code, so ranks that disagree raise a
-clear error instead of failing inside a collective. Per call, each rank sends 40 + 8 U + 24 G bytes for groups
-spread over ranks, and 32 + 16 N bytes (N: tokens; 20 N with entropies) for a vocabulary split: nothing per
-vocabulary entry, nothing N x V, no per-token data for groups. The losses run ops' own eager autograd.Functions
-with the stage of this module (:class:`RanksStage`). Eager mode only (no torch.compile, no inplace_backward).
+A first exchange of a few int64 carries an error flag (a rank whose input failed its checks stops every rank, none
+waits) and a code of every option but the backend (ranks that disagree, on return_stats say, all raise). Nothing
+per vocabulary entry or N x V crosses the network. Eager mode only (no torch.compile, no inplace_backward); the
+bytes per call and the math: docs/kernels.md.
 """
 
 from __future__ import annotations

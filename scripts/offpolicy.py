@@ -1,5 +1,5 @@
 """GVPO from other sampling distributions, on the built-in task: does the trainer still learn when the groups are
-replayed, carry a demonstration, or were sampled by a stale policy? (issue 22; the trainer's README has the
+replayed, carry a demonstration, or were sampled by a stale policy? (the trainer's README has the
 results and what they mean.)
 
     .venv/bin/python scripts/offpolicy.py                      # 5 modes x 3 seeds, 600 updates each, 2 at a time

@@ -1,4 +1,4 @@
-"""Inputs a demanding user passes that once gave silently wrong results or unclear errors (issue 11), on every
+"""Inputs a demanding user passes that once gave silently wrong results or unclear errors, on every
 backend: strided and stride-0 views of every tensor a kernel reads, -inf logits, in-place gradients that another
 autograd node depends on, double and second backwards, empty calls, and the first eager call's imports."""
 
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from cases import Case, make_inputs, rel_err, run, run_linear
+from helpers.cases import Case, make_inputs, rel_err, run, run_linear
 from conftest import DEVICE
 
 import gvpo_kernels as gk

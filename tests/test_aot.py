@@ -2,7 +2,7 @@
 sm_89, sm_90, sm_100, sm_120 (cubin, through the bundled ptxas) and gfx90a, gfx942, gfx950 (hsaco, through the LLVM
 in Triton), each planned for the Device that GPU reports (plan.device_for: SM / CU count, shared memory per block).
 
-tests/aot.py compiles the launchers' own plans (tests/aot_cases.py: logits path and group stage; tests/aot_linear.py:
+tests/helpers/aot.py compiles the launchers' own plans (tests/helpers/aot_cases.py: logits path and group stage; tests/helpers/aot_linear.py:
 linear path) for real model shapes, in a child process without TRITON_INTERPRET (conftest.py turns the interpreter
 on here, and interpreted kernels cannot be compiled). ``pytest -s`` shows its target x kernel table. Fails, per
 target, on: a compile error; shared memory / LDS above that target's per-block limit; a spill in a bf16 kernel (or
@@ -12,9 +12,9 @@ mma.sync, wgmma, tcgen05, mfma); and where the logits kernels' row loads and sto
 The plan tests below run without the compiler: plans are pure (meta tensors in), never depend on N or T through a
 constexpr, and refuse a tensor that a kernel would misread through a raw pointer (a strided or stride-0 view).
 
-The contract with tests/aot_linear.py: ``linear_plans(device) -> list[Plan]`` with a distinct label per plan, and
+The contract with tests/helpers/aot_linear.py: ``linear_plans(device) -> list[Plan]`` with a distinct label per plan, and
 optionally ``check(label, target, props)``, called for each compiled linear plan with its properties (the dict that
-tests/aot.py's ``compile_plan`` returns), raising AssertionError when a property is not what it should be.
+tests/helpers/aot.py's ``compile_plan`` returns), raising AssertionError when a property is not what it should be.
 """
 
 import dataclasses
@@ -26,8 +26,8 @@ import sys
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+sys.path.insert(0, HERE)  # aot.py imports aot_cases / aot_linear from beside it, as a script does
 
 import aot  # noqa: E402
 import aot_cases  # noqa: E402
@@ -81,7 +81,7 @@ def _expanded(t):
 @pytest.mark.parametrize("view", [_strided, _expanded], ids=["strided", "stride0"])
 @pytest.mark.parametrize("field", ["rewards", "token_ref", "cu_seqlens", "group_order", "group_ptr"])
 def test_group_plan_refuses_a_layout_tensor_it_would_misread(field, view):
-    """Issue 11: the group stage read rewards = table[:, 0] as if contiguous and gave a wrong loss."""
+    """Once, the group stage read rewards = table[:, 0] as if contiguous and gave a wrong loss."""
     meta, f32 = aot_cases.meta, torch.float32
     lay = aot_cases.token_layout(num_tokens=64, num_seqs=8, group_size=4, with_ref=True)
     lay = dataclasses.replace(lay, **{field: view(getattr(lay, field))})
@@ -215,14 +215,14 @@ def test_row_kernels_move_16_bytes_per_thread_whatever_the_warp_width(target):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """tests/aot.py's results for every case: {"triton", "notes", "results": [properties + label, source]}."""
+    """tests/helpers/aot.py's results for every case: {"triton", "notes", "results": [properties + label, source]}."""
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "aot.py"), "--json", str(out), "--jobs", "2"],
                           env=env, capture_output=True, text=True, timeout=1800)
     print(proc.stdout)
     if not out.exists():
-        pytest.fail(f"tests/aot.py wrote no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"tests/helpers/aot.py wrote no results (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 
@@ -259,7 +259,7 @@ def test_linear_tiles_use_each_targets_tensor_cores(compiled):
     wgmma only on sm_90, tcgen05 only on sm_100, mma.sync on sm_80-89 and sm_120, mfma on AMD CDNA."""
     from gvpo_kernels.triton.plan import mma_kind
 
-    assert _results(compiled, "linear"), "tests/aot_linear.py gave no plans"
+    assert _results(compiled, "linear"), "tests/helpers/aot_linear.py gave no plans"
     bad = aot.without_tensor_cores(compiled["results"])
     assert not bad, "\n".join(bad)
     assert {t: mma_kind(aot.device(t)) for t in aot.TARGETS} == aot.MMA
@@ -277,8 +277,8 @@ def test_linear_plans(compiled):
     linear, why = aot.linear_module()
     if linear is None:
         pytest.skip(f"no linear cases: {why}")
-    assert _results(compiled, "linear"), "tests/aot_linear.py gave no plans"
+    assert _results(compiled, "linear"), "tests/helpers/aot_linear.py gave no plans"
     if getattr(linear, "check", None) is None:
-        pytest.skip("tests/aot_linear.py defines no check(label, target, props): compiled only")
+        pytest.skip("tests/helpers/aot_linear.py defines no check(label, target, props): compiled only")
     bad = aot.linear_violations(compiled["results"])
     assert not bad, "\n".join(bad)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from cases import ENTROPY_FLOOR, SLACK
+from helpers.cases import ENTROPY_FLOOR, SLACK
 
 import gvpo_kernels
 from gvpo_kernels import check

@@ -9,7 +9,7 @@ checked by torch.library.opcheck (schema, fake shapes, autograd registration, AO
 
 import pytest
 import torch
-from cases import Case, make_inputs
+from helpers.cases import Case, make_inputs
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu, ops

@@ -6,10 +6,10 @@ Each test compares with the float64 oracle (gvpo_kernels.reference) on the logit
 
 import pytest
 import torch
-from cases import SLACK, Case, assert_within_pytorch_error, check_against_oracle, make_inputs, run, run_linear
+from helpers.cases import SLACK, Case, assert_within_pytorch_error, check_against_oracle, make_inputs, run, run_linear
 
 import gvpo_kernels as gk
-from gvpo_kernels import cpu, layout
+from gvpo_kernels import cpu
 from gvpo_kernels.backend import LogitSpec
 
 CPU = torch.device("cpu")

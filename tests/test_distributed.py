@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import distributed_worker
+from helpers import distributed_worker
 from gvpo_kernels import cpu
 
 BACKENDS = ["torch", "triton"] + (["cpu"] if cpu.unavailable_reason() is None else [])

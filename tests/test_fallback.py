@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from cases import Case, make_inputs
+from helpers.cases import Case, make_inputs
 
 import gvpo_kernels as gk
 from gvpo_kernels.ops import select

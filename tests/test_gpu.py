@@ -1,12 +1,12 @@
 """The compiled Triton kernels on a real GPU: what the interpreter cannot show (skipped without CUDA).
 
 Realistic shapes, no recompilation when N or T changes, int64 offsets past 2^31 logits elements, strided rewards,
-and the ahead-of-time compile (tests/aot.py) agreeing with what a launch compiles.
+and the ahead-of-time compile (tests/helpers/aot.py) agreeing with what a launch compiles.
 """
 
 import pytest
 import torch
-from cases import run
+from helpers.cases import run
 
 import gvpo_kernels as gk
 
@@ -72,8 +72,12 @@ def test_new_lengths_do_not_recompile():
 
 
 def test_aot_compile_matches_the_launched_kernel():
-    """tests/aot.py, which CI runs without a GPU, compiles a plan to the very kernel a launch of that plan gets:
+    """tests/helpers/aot.py, which CI runs without a GPU, compiles a plan to the very kernel a launch of that plan gets:
     same registers, no spills (a launched kernel's cache holds it after the launch)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
     import aot
 
     from gvpo_kernels.triton import logprob
@@ -96,7 +100,7 @@ def test_aot_compile_matches_the_launched_kernel():
 
 
 def test_strided_and_expanded_rewards():
-    """Issue 11: a rewards column of a table (stride 2) or an expanded scalar (stride 0) must be read as values,
+    """A rewards column of a table (stride 2) or an expanded scalar (stride 0) must be read as values,
     not as consecutive memory."""
     logits, labels, _, kwargs = _inputs(8, 17, 4099, torch.float32)
     table = torch.randn(8, 2, device="cuda")

@@ -5,53 +5,23 @@ that each layout, group structure, vocabulary, length, mask, anchor, temperature
 ignore_index pattern, non-contiguous input and inplace_backward runs on every backend.
 """
 
-import random
 
 import pytest
 import torch
-from cases import Case, check_against_oracle, make_inputs, one_factor, run
+from helpers.cases import Case, check_against_oracle, make_inputs, run
+from helpers.grids import CASES
 from conftest import DEVICE
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu
 
-BASE = Case()
-ONE_FACTOR = one_factor(BASE, dict(inplace=True))
-COMBINED = [
-    Case(layout="packed", groups=(2, 3, 1, 5), shuffled=True, ignore=True, temperature=0.7, reduction="sum"),
-    Case(layout="packed", dtype=torch.bfloat16, inplace=True, vocab=3001, mask="empty"),
-    Case(groups=(2, 3, 1, 5), dtype=torch.float16, anchor=False, mask="empty", sliced=True, inplace=True),
-    Case(layout="packed", groups=(1,), seq_len=1, mask="none", beta=1.0),
-    Case(mask="none", ignore=True, temperature=0.7, beta=1.0, inplace=True, dtype=torch.bfloat16),
-    Case(layout="packed", vocab=1, anchor=False, reduction="sum"),
-    Case(seq_len=1, groups=(2, 3, 1, 5), shuffled=True, sliced=True, dtype=torch.bfloat16, temperature=0.7),
-]
-
-
-def random_cases(count: int, seed: int):
-    rng = random.Random(seed)
-    choices = dict(
-        layout=["padded", "packed"], groups=[(1,), (2,), (4, 4), (2, 3, 1, 5)], shuffled=[False, True],
-        vocab=[1, 257, 3001], seq_len=[1, 63], mask=["none", "random", "empty"], anchor=[False, True],
-        temperature=[1.0, 0.7], reduction=["mean", "sum"], beta=[0.1, 1.0],
-        dtype=[torch.float32, torch.bfloat16, torch.float16], ignore=[False, True], sliced=[False, True],
-        inplace=[False, True],
-    )
-    return [Case(seed=seed + i, **{k: rng.choice(v) for k, v in choices.items()}) for i in range(count)]
-
-
-CASES = ONE_FACTOR + COMBINED + random_cases(10, seed=1234)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_torch_backend(case, small_chunks):
+def test_against_the_oracle(backend, case, small_chunks):
+    """Every backend (tests/conftest.py's one list) on the grid; the torch backend in chunks of 7 rows."""
     small_chunks(case.vocab)
-    check_against_oracle(case, "torch", DEVICE)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_triton_backend(case):
-    check_against_oracle(case, "triton", DEVICE)
+    check_against_oracle(case, backend, DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -10,7 +10,7 @@ schedule. Outputs start as NaN (tests/conftest.py), so an element a kernel never
 
 import pytest
 import torch
-from cases import SLACK, Case, assert_within_pytorch_error, make_inputs
+from helpers.cases import SLACK, Case, another_slice_case, assert_within_pytorch_error, make_inputs
 from conftest import DEVICE
 
 import gvpo_kernels as gk
@@ -442,7 +442,7 @@ def test_every_schedule_gives_the_oracle(backend, name, anchor, rows_per_chunk, 
 def test_linear_buffers_do_not_grow_with_tokens(backend, small_chunks_of):
     """The forward and backward at N and 4N tokens: the largest tensor is the same (a chunk, the head's gradient),
     nothing N x V."""
-    from test_linear import LargestTensor
+    from helpers.memory import LargestTensor
 
     small_chunks_of(backend)
     vocab, largest = 256, []
@@ -501,7 +501,7 @@ def test_gradients_not_asked_for_are_not_computed(backend, anchor):
 def test_three_gemm_buffers_do_not_grow_with_tokens(backend, small_chunks_of):
     """The three-GEMM schedule (on-policy) at N and 4N tokens: nothing N x V; the largest tensor is a chunk of at
     most 64 rows of logits, or the N x H of hidden and its gradient."""
-    from test_linear import LargestTensor
+    from helpers.memory import LargestTensor
 
     small_chunks_of(backend)
     vocab, hidden_size = 256, 16
@@ -517,19 +517,11 @@ def test_three_gemm_buffers_do_not_grow_with_tokens(backend, small_chunks_of):
 def test_targets_past_the_vocabulary_are_another_slice(backend):
     """A target >= V (the label in another rank's slice of the vocabulary) counts as a logit of 0 and gets no
     one-hot: token log-prob -lse, gradient -coef * softmax; logits and linear paths."""
-    gen = torch.Generator().manual_seed(5)
-    vocab, hidden_size = 37, 8
-    hidden, weight = torch.randn(6, hidden_size, generator=gen), torch.randn(vocab, hidden_size, generator=gen)
-    logits = hidden @ weight.T
-    target = torch.tensor([3, vocab, vocab + 5, 0, 36, vocab + 1])
-    coef = torch.randn(6, generator=gen)
-    lse = torch.logsumexp(logits, 1)
-    in_slice = target < vocab
-    want_logprob = torch.where(in_slice, logits.gather(1, target.clamp(max=vocab - 1)[:, None])[:, 0], 0.0) - lse
-    onehot = torch.nn.functional.one_hot(target.clamp(max=vocab - 1), vocab) * in_slice[:, None]
-    want_grad = coef[:, None] * (onehot - torch.softmax(logits, 1))
+    case = another_slice_case()
+    want_logprob, want_grad, lse, vocab = case["logprob"], case["grad"], case["lse"], case["logits"].shape[1]
     impl, spec = contract.get(backend), LogitSpec()
-    hidden, weight, logits, target, coef = (t.to(DEVICE) for t in (hidden, weight, logits, target, coef))
+    hidden, weight, logits, target, coef = (case[k].to(DEVICE) for k in ("hidden", "weight", "logits", "target",
+                                                                         "coef"))
 
     stats = impl.token_forward(logits[None], target, spec, False)
     torch.testing.assert_close(stats.logprob.cpu(), want_logprob)

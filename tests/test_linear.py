@@ -6,10 +6,10 @@ use for), plus hidden sizes 16, 64, 96, a bias, and vocabularies that are not mu
 
 import pytest
 import torch
-from cases import Case, check_linear_against_oracle, make_inputs, one_factor
+from helpers.cases import Case, check_linear_against_oracle, make_inputs
+from helpers.grids import LINEAR_CASES
+from helpers.memory import LargestTensor
 from conftest import DEVICE
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu, ops, torch_impl
@@ -17,41 +17,13 @@ from gvpo_kernels.ops import linear as ops_linear
 from gvpo_kernels.ops.common import prepare
 from gvpo_kernels.triton import linear as triton_linear
 
-BASE = Case(hidden_size=64, vocab=257, seq_len=17)
-LINEAR_CASES = one_factor(BASE, dict(hidden_size=16), dict(hidden_size=96), dict(bias=True)) + [
-    Case(hidden_size=96, bias=True, layout="packed", groups=(2, 3, 1, 5), shuffled=True, ignore=True,
-         temperature=0.7, reduction="sum", vocab=1000),
-    Case(hidden_size=16, bias=True, dtype=torch.bfloat16, sliced=True, mask="empty", vocab=3001, seq_len=9),
-    Case(hidden_size=64, dtype=torch.float16, anchor=False, groups=(2, 3, 1, 5), seq_len=1, beta=1.0),
-]
-
-
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.id)
-def test_torch_backend(case, small_chunks):
-    small_chunks(case.vocab)
-    check_linear_against_oracle(case, "torch", DEVICE)
-
-
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.id)
-def test_triton_backend(case, monkeypatch):
-    monkeypatch.setattr(triton_linear, "CHUNK_BYTES", 1)  # backward chunks of BLOCK_N scored rows
-    check_linear_against_oracle(case, "triton", DEVICE)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes) that any op returns while it is active (Triton's interpreter
-    copies kernel arguments through byte tensors; those count too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
+def test_against_the_oracle(backend, case, small_chunks_of):
+    """Every backend (tests/conftest.py's one list) on the grid, in small chunks (torch: a few rows; C++: blocks of
+    7 vocabulary rows per thread; Triton: chunks of BLOCK_N rows, the forward over several vocabulary splits);
+    tests/test_cpu.py runs the C++ backend under three more chunkings."""
+    small_chunks_of(backend)
+    check_linear_against_oracle(case, backend, DEVICE)
 
 
 @pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss-and-entropy"])

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import gvpo_kernels as gk
-import logprob_loss_worker
+from helpers import logprob_loss_worker
 from gvpo_kernels import reference
 
 SLACK = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # as tests/cases.py

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from cases import SLACK, assert_within_pytorch_error
+from helpers.cases import SLACK, assert_within_pytorch_error
 from conftest import DEVICE
 
 import gvpo_kernels as gk

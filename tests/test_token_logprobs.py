@@ -3,9 +3,9 @@ gradients (under random upstream gradients), on every backend, over the layouts 
 
 import pytest
 import torch
-from cases import SLACK, Case, assert_within_pytorch_error, make_inputs, one_factor, rel_err
+from helpers.cases import SLACK, Case, assert_within_pytorch_error, make_inputs, one_factor, rel_err
 from conftest import DEVICE
-from test_linear import LargestTensor
+from helpers.memory import LargestTensor
 
 import gvpo_kernels as gk
 from gvpo_kernels import cpu

@@ -118,7 +118,7 @@ def test_logit_transform_of_multimodal_and_other_configs():
     assert logit_transform(auto("falcon_h1", lm_head_multiplier=1.0, logit_scale=2.0)) == LogitTransform(None, 2.0)
 
 
-# The three families of issue 23, as the trainer sees them: a Gemma-2 with a cap that bites, a Cohere with a
+# The three families of soft-capped or scaled logits, as the trainer sees them: a Gemma-2 with a cap that bites, a Cohere with a
 # non-default scale, a Granite that divides.
 # (Gemma-2 ties its LM head to its input embeddings: a milder sharpening keeps its samples varied.)
 TRAINED = {

@@ -30,10 +30,10 @@ from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.workers.utils import losses as verl_losses  # noqa: E402
 
-import verl_worker  # noqa: E402
+from helpers import verl_worker  # noqa: E402
 from gvpo_kernels import reference  # noqa: E402
 from gvpo_kernels.integrations import verl as plugin  # noqa: E402
-from verl_worker import (BETA, K, TEMPERATURE, make_actor_config, make_rollouts, micro_batch_losses,  # noqa: E402
+from helpers.verl_worker import (BETA, K, TEMPERATURE, make_actor_config, make_rollouts, micro_batch_losses,  # noqa: E402
                          reference_loss_and_grad, rel_err, token_logprobs, verl_advantages)
 
 

@@ -3,7 +3,7 @@
 This file only answers whether the backend can run; the kernels live in ``logprob.py`` (token stage),
 ``group.py`` (group stage) and ``linear.py`` (linear path), imported when the backend is first used so that the
 package imports without Triton. Each launcher there is a pure plan (``plan.py``: shapes, dtypes, device -> Plan)
-and a launch of it; tests/aot.py compiles the same plans for every NVIDIA and AMD generation in use (sm_80 to
+and a launch of it; tests/helpers/aot.py compiles the same plans for every NVIDIA and AMD generation in use (sm_80 to
 sm_120, gfx90a to gfx950) on a machine without a GPU. On ROCm torch calls the GPU "cuda": the same kernels run
 there, with plans sized from the device's own facts (``plan.device_of``).
 """

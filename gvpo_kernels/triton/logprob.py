@@ -1,29 +1,18 @@
-"""Triton token stage: per-token log-prob by online log-sum-exp, and its backward by recomputing the softmax.
+"""Triton token stage: per-token log-prob (and entropy) by online log-sum-exp, and its backward by recomputing the
+softmax; one program per token row, addressed through a (B', T', V) view (``logits[:, :-1]`` read in place).
 
-Forward, one program per token row: stream the row's V logits in BLOCK_V blocks. Each lane of the block keeps its
-own running max m of y (the logit, soft-capped under SOFTCAP) and sum of exp2((y - m) s log2 e) (an online
-log-sum-exp per lane, one exp per element: exp2(-|d|) either rescales the sum when y is the new max or is the term
-added), so no cross-warp reduction or barrier sits in the loop; the lanes are combined once at the end. The
-label's logit is picked out of the block that holds it during the same pass. Three floats per token leave the
-kernel: the log-prob and the row's normaliser (shift, log_sum) (gvpo_kernels/backend.py); no softmax is stored.
+Forward: each lane of a BLOCK_V block keeps its own running max m of y (the logit, soft-capped under SOFTCAP) and
+sum of exp2((y - m) s log2 e), one exp per element (exp2(-|d|) rescales the sum when y is the new max, else is the
+term added); with ENTROPY one more sum, A = sum e d, so that H = log L - A / L. Lanes merge once at the end; the
+label's y comes from the block that holds it. Out go the log-prob and the row's normaliser (shift, log_sum)
+(gvpo_kernels/backend.py), nothing N x V.
 
-Backward, one program per token row: recompute log p = (y - shift) s - log_sum block by block and write
-dx = (c_lp (onehot - p) + c_ent p (-log p - H)) dy/dx from the per-token coefficients (backend.Coefs). Rows whose
-coefficients are 0 (not scored, or in a group of one) are written with zeros without reading their logits.
-
-Entropy (ENTROPY, a constexpr: off, the kernels are the log-prob-only ones): the forward keeps one more running
-sum per lane, A = sum exp2(d) d with d = (y - m) s log2 e (rescaled with the sum when the max grows:
-A <- e (A + (m - m') L)), so that H = log L - A / L after the lanes are merged. Logits of -inf (p = 0) add exactly
-0 to A and to the gradient: every p log p term is e * max(d, -FLT_MAX) (``_xlogx_term``), never 0 * -inf.
-
-Rows are addressed through a (B', T', V) view: token n is (n // T', n % T'), so padded logits sliced along T
-(``logits[:, :-1]``) are read in place. Offsets are int64 (N x V passes 2^31 at 16k tokens x 152k vocabulary).
-Loads and stores are 16 bytes wide: the row strides are specialised (Triton keys an int only on == 1 and on
-divisibility by 16, so this adds at most a few variants and never recompiles for a new N or T). T' and N are not
-specialised.
-
-Each launcher is a pure plan (:func:`forward_plan`, :func:`backward_plan`: shapes, dtypes, device -> Plan) and
-:func:`~.plan.launch`; tests/test_aot.py compiles the same plans for nine NVIDIA and AMD targets without a GPU.
+Backward: log p = (y - shift) s - log_sum, block by block, then dx = (c_lp (onehot - p) + c_ent p (-log p - H))
+dy/dx from the per-token coefficients (backend.Coefs); rows whose coefficients are 0 get zeros unread. -inf logits
+add exactly 0 everywhere (``xlogx_term``: never 0 * -inf). Offsets are int64; loads and stores 16 bytes wide (row
+strides specialised; N and T' are not, so a new batch never recompiles). Each launcher is a pure plan
+(:func:`forward_plan`, :func:`backward_plan`) and :func:`~.plan.launch`; tests/test_aot.py compiles the same plans
+for nine NVIDIA and AMD targets without a GPU.
 """
 
 import torch

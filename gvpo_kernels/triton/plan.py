@@ -268,7 +268,7 @@ def check_flat(name: str, tensor, dtype) -> None:
 
 def device_for(target: Union[int, str]) -> Device:
     """The :class:`Device` a GPU of ``target`` ("sm_90", 90, "gfx942") reports, from ARCHITECTURES: what the
-    ahead-of-time compile test plans for (tests/aot.py). An architecture not in the table gets its family's
+    ahead-of-time compile test plans for (tests/helpers/aot.py). An architecture not in the table gets its family's
     least shared memory and one SM."""
     if isinstance(target, int) or str(target).isdigit():
         target = f"sm_{int(target)}"

@@ -1,9 +1,9 @@
 """Ahead-of-time compile of kernel plans for NVIDIA and AMD GPUs, on a machine without one.
 
-    python tests/aot.py [--targets sm_80,gfx942] [--jobs 2] [--json FILE] [--dump DIR] [--check]
+    python tests/helpers/aot.py [--targets sm_80,gfx942] [--jobs 2] [--json FILE] [--dump DIR] [--check]
 
-prints one line per compiled kernel variant and target for every case of tests/aot_cases.py (logits path, group
-stage) and tests/aot_linear.py (linear path, when that file is there), planned for the Device that each target's
+prints one line per compiled kernel variant and target for every case of tests/helpers/aot_cases.py (logits path, group
+stage) and tests/helpers/aot_linear.py (linear path, when that file is there), planned for the Device that each target's
 GPU reports (``plan.device_for``: its SM / CU count and shared memory / LDS per block).
 
 A :class:`~gvpo_kernels.triton.plan.Plan` is the launch a launcher would make (kernel, grid, arguments,
@@ -365,12 +365,12 @@ def compile_all(cases, jobs: int = 2, dump: Optional[str] = None) -> list:
 
 
 def linear_module():
-    """tests/aot_linear.py imported, or (None, why not)."""
+    """tests/helpers/aot_linear.py imported, or (None, why not)."""
     sys.path.insert(0, _HERE)
     try:
         import aot_linear
     except Exception as exc:  # noqa: BLE001  (missing or broken: the linear cases are skipped, with the reason)
-        return None, f"tests/aot_linear.py could not be imported ({type(exc).__name__}: {exc})"
+        return None, f"tests/helpers/aot_linear.py could not be imported ({type(exc).__name__}: {exc})"
     return aot_linear, None
 
 
@@ -494,7 +494,7 @@ def narrow_row_accesses(results) -> list:
 
 
 def linear_violations(results) -> list:
-    """What tests/aot_linear.py's check(label, target, props) says of each compiled linear plan."""
+    """What tests/helpers/aot_linear.py's check(label, target, props) says of each compiled linear plan."""
     linear, _ = linear_module()
     check = getattr(linear, "check", None)
     bad = []
@@ -513,10 +513,10 @@ CRITERIA = (compile_errors, over_shared_memory, spills, without_tensor_cores, na
 def prepare_process():
     """Check this process can compile, and import the checkout's gvpo_kernels rather than an installed copy."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("tests/aot.py compiles real kernels: run it without TRITON_INTERPRET=1")
+        raise RuntimeError("tests/helpers/aot.py compiles real kernels: run it without TRITON_INTERPRET=1")
     # Triton 3.6 fuses a*b+c into FMA by default; newer ones do too but warn when this is unset
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    sys.path.insert(0, os.path.dirname(_HERE))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))  # the checkout (tests/helpers/ -> .)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@
                                           variant, an entropy bonus)
     check(label, target, props)           AssertionError unless the compiled kernel has what a near-floor GEMM needs
 
-``props`` is what tests/aot.py's compile_plan returns; the keys read here: regs, spill_st / spill_ld / scratch,
+``props`` is what tests/helpers/aot.py's compile_plan returns; the keys read here: regs, spill_st / spill_ld / scratch,
 cp_async, tma, ld16 / ld8 (global loads by width). ``device`` is the Device that the target's GPU reports
 (plan.device_for), so the plans are the ones a user of that GPU gets.
 """

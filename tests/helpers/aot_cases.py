@@ -1,4 +1,4 @@
-"""The logits-path and group-stage launches that tests/aot.py compiles: the package's own plans on meta tensors of
+"""The logits-path and group-stage launches that tests/helpers/aot.py compiles: the package's own plans on meta tensors of
 real model shapes (nothing is allocated, nothing runs). The logits kernels also as their ENTROPY variants
 (token_logprobs(return_entropy=True), an entropy bonus: labels "fwd-entropy ..." / "bwd-entropy ...") and, in
 bf16, their SOFTCAP variants (Gemma-2's soft-capped logits: "...-softcap ...").

@@ -281,3 +281,22 @@ def check_linear_against_oracle(case: Case, backend: str, device) -> None:
     assert_within_pytorch_error(["loss", "d_hidden", "d_weight", "d_bias", *gk.GVPOStats._fields],
                                 [loss, *grads, *stats], [baseline[0], *baseline[1], *baseline[2]],
                                 [oracle[0], *oracle[1], *oracle[2]], SLACK[case.dtype])
+
+
+def another_slice_case():
+    """A head and targets of which some lie past the vocabulary (>= V: the label is in another rank's slice), with
+    what the kernels must give: such a label counts as a logit of 0 and gets no one-hot. -> hidden (6, 8),
+    weight (37, 8), logits (6, 37), target (6,), coef (6,), the log-probs and the gradient coef (onehot - softmax)."""
+    gen = torch.Generator().manual_seed(5)
+    vocab, hidden_size = 37, 8
+    hidden, weight = torch.randn(6, hidden_size, generator=gen), torch.randn(vocab, hidden_size, generator=gen)
+    logits = hidden @ weight.T
+    target = torch.tensor([3, vocab, vocab + 5, 0, 36, vocab + 1])
+    coef = torch.randn(6, generator=gen)
+    in_slice = target < vocab
+    lse = torch.logsumexp(logits, 1)
+    want_logprob = torch.where(in_slice, logits.gather(1, target.clamp(max=vocab - 1)[:, None])[:, 0], 0.0) - lse
+    onehot = torch.nn.functional.one_hot(target.clamp(max=vocab - 1), vocab) * in_slice[:, None]
+    want_grad = coef[:, None] * (onehot - torch.softmax(logits, 1))
+    return dict(hidden=hidden, weight=weight, logits=logits, target=target, coef=coef, lse=lse,
+                logprob=want_logprob, grad=want_grad)
