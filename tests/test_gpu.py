@@ -80,6 +80,7 @@ def test_aot_compile_matches_the_launched_kernel():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
     import aot
 
+    from gvpo_kernels.backend import LogitSpec, TokenStats
     from gvpo_kernels.triton import logprob
     from gvpo_kernels.triton.plan import device_of, launch
 
@@ -87,8 +88,8 @@ def test_aot_compile_matches_the_launched_kernel():
         pytest.skip(aot.unavailable_reason())
     rows = torch.randn(4, 33, 152064, device="cuda", dtype=torch.bfloat16)[:, :-1]
     target = torch.randint(0, 152064, (4 * 32,), device="cuda")
-    outs = [torch.empty(4 * 32, device="cuda") for _ in range(2)]
-    plan = logprob.forward_plan(rows, target, *outs, 1.0, device_of(rows.device))
+    out = TokenStats(torch.empty(4 * 32, device="cuda"), torch.empty(2, 4 * 32, device="cuda"), None)
+    plan = logprob.forward_plan(rows, target, out, LogitSpec(), device_of(rows.device))
     launch(plan)
     torch.cuda.synchronize()
     props = aot.compile_plan(plan, device_of(rows.device).arch)
@@ -143,7 +144,7 @@ def test_linear_realistic_shape_against_reference(dtype, anchor, bias_view):
     """The compiled tl.dot tiles (bf16 tensor cores; IEEE fp32 for fp32) against the float64 oracle, on both GEMM
     schedules (an anchor: four GEMMs; on-policy: three, from the stored exponentials), with a contiguous, a
     strided and an expanded (stride-0) bias. bf16 must accumulate d_weight inside cuBLAS (no fallback)."""
-    from gvpo_kernels.triton import linear
+    from gvpo_kernels.triton import linear_work
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     num_seqs, seq_len, hidden_size, vocab = 16, 256, 1024, 32003
@@ -180,7 +181,7 @@ def test_linear_realistic_shape_against_reference(dtype, anchor, bias_view):
         base = ((b.double() - o).norm() / o.norm()).item()
         assert err <= base + slack, f"{name}: {err:.3g} vs {base:.3g}"
     if dtype == torch.bfloat16:
-        assert linear._MIXED_ADDMM[0], "addmm(out_dtype=float32) into the accumulator fell back to a temporary"
+        assert linear_work._MIXED_ADDMM[0], "addmm(out_dtype=float32) into the accumulator fell back to a temporary"
 
 
 def test_linear_new_lengths_do_not_recompile():
