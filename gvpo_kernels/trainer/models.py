@@ -1,7 +1,9 @@
 """Load the policy and its tokenizer: a Hugging Face causal LM by name or path, or the built-in tiny model.
 
-Also the few model facts the rest of the trainer needs: the autocast context, the EOS ids, and the
-decoder / LM head split that lets the loss run on hidden states instead of logits.
+Also the few model facts the rest of the trainer needs: the autocast context, the EOS ids, the decoder / LM head
+split that lets the loss run on hidden states instead of logits, and the model's logit transform (Gemma-2's
+soft-cap, Cohere's scale, Granite's divisor: :func:`gvpo_kernels.integrations.hf.logit_transform`), checked
+against the model's own logits when it loads.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging
 
+from ..integrations.hf import LogitTransform, logit_transform
 from . import tiny
+from .checks import ConfigError
 
 
 def autocast(device: torch.device, bf16: bool | None):
@@ -59,7 +63,43 @@ def load_policy(name_or_path: str | None, device: torch.device, *, seed: int, at
     stop_ids = eos_ids(model, tokenizer)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids,
                                                pad_token_id=tokenizer.pad_token_id)
-    return model.to(device), tokenizer
+    model = model.to(device)
+    if name_or_path is not None:  # the built-in model is a plain Llama
+        check_logit_transform(model, name_or_path)
+    return model, tokenizer
+
+
+def check_logit_transform(model, name: str) -> LogitTransform:
+    """The logit transform ``model``'s config announces (:func:`logit_transform`), once one forward on a few tokens
+    shows that it is what the model computes: the decoder's last hidden state through the LM head and the transform
+    gives the model's own logits. ConfigError otherwise: a transform field the model's code ignores, or logits
+    transformed in a way the config does not say (the loss would score other log-probs than the model samples).
+    Runs without gradient and without randomness (the model's training mode is restored)."""
+    transform = logit_transform(model.config)
+    decoder, head = decoder_and_head(model)
+    caught = []
+    hook = decoder.register_forward_hook(lambda module, args, output: caught.append(output))
+    ids = (torch.arange(1, 9, device=head.weight.device) % head.weight.shape[0])[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            if not caught:
+                raise ConfigError(f"model: {name!r}: its forward does not run its decoder (get_decoder()), so the "
+                                  "loss cannot take its hidden states")
+            hidden = caught[-1].last_hidden_state if hasattr(caught[-1], "last_hidden_state") else caught[-1][0]
+            ours = transform.apply(head(hidden))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if not torch.allclose(ours, logits, rtol=1e-4, atol=1e-4 * max(1.0, logits.abs().max().item())):
+        raise ConfigError(f"model: {name!r}: its config says its logits are {transform.describe()} of its decoder's "
+                          f"last hidden state, but its own logits differ from that by up to "
+                          f"{(ours - logits).abs().max().item():.3g}: it ignores a transform its config sets, or "
+                          "transforms its logits in a way its config does not say, and the loss would score other "
+                          "log-probs than the model samples")
+    return transform
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -74,10 +114,8 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 def decoder_and_head(model):
-    """(decoder, lm_head): the model without its head (returns last_hidden_state), and the head (an nn.Linear)."""
-    for name in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, name, None) not in (None, 1.0):
-            raise ValueError(f"model: its config sets {name}, which the linear GVPO loss does not apply")
+    """(decoder, lm_head): the model without its head (returns last_hidden_state), and the head (an nn.Linear).
+    The model's logits are ``logit_transform(model.config).apply(lm_head(last_hidden_state))``."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is None or not isinstance(head, torch.nn.Linear):
         raise TypeError(f"model: {type(model).__name__} has no decoder / nn.Linear LM head to split, so the loss "
