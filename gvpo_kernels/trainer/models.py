@@ -28,13 +28,31 @@ def autocast(device: torch.device, bf16: bool | None):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def attention_kernel(device: torch.device, requested: str | None) -> str:
-    """``requested`` if given, else flash_attention_2 when CUDA and flash_attn are present, else sdpa."""
+def attention_kernel(device: torch.device, requested: str | None, model_class=None) -> str:
+    """``requested`` if given, else flash_attention_2 when CUDA and flash_attn are present, else sdpa; each only
+    where ``model_class`` (a transformers model class; None: any) supports it, else eager (Gemma-2, whose
+    attention soft-cap sdpa does not take)."""
     if requested:
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+
+    def supports(flag: str) -> bool:
+        return model_class is None or bool(getattr(model_class, flag, True))
+
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and supports(
+            "_supports_flash_attn"):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if supports("_supports_sdpa") else "eager"
+
+
+def causal_lm_class(name_or_path: str):
+    """The class AutoModelForCausalLM loads ``name_or_path`` as (read from its config), or None when unknown."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(name_or_path))]
+    except Exception:  # the checks read this config already; whatever fails here, from_pretrained will say
+        return None
 
 
 def load_policy(name_or_path: str | None, device: torch.device, *, seed: int, attn_implementation: str | None):
@@ -53,8 +71,10 @@ def load_policy(name_or_path: str | None, device: torch.device, *, seed: int, at
         if bar_was_on:
             logging.disable_progress_bar()  # transformers' "Loading weights" bar: noise before the run's own
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=torch.float32, attn_implementation=attention_kernel(device, attn_implementation))
+            attention = attention_kernel(device, attn_implementation,
+                                         None if attn_implementation else causal_lm_class(name_or_path))
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32,
+                                                         attn_implementation=attention)
         finally:
             if bar_was_on:
                 logging.enable_progress_bar()
