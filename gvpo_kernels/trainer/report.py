@@ -118,7 +118,7 @@ def plot(metrics: list[dict], path: Path) -> Path:
     top.legend(loc="lower right")
     if "gvpo_loss" in metrics[-1]:  # --entropy-coef: the GVPO part and the loss minimised
         middle.plot(steps, [m.get("gvpo_loss", m["loss"]) for m in metrics], color="tab:red", label="GVPO loss")
-        middle.plot(steps, [m["loss"] for m in metrics], color="tab:orange", label="minus the entropy bonus")
+        middle.plot(steps, [m["loss"] for m in metrics], color="tab:orange", label="loss = GVPO - entropy bonus")
         middle.legend(loc="upper right")
     else:
         middle.plot(steps, [m["loss"] for m in metrics], color="tab:red")
