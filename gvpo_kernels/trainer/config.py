@@ -53,8 +53,8 @@ class TrainConfig:
 
     # update
     beta: float = _opt(0.1, "GVPO implicit-reward scale, the KL coefficient, > 0 (the paper's recipe: 0.1)")
-    entropy_coef: float = _opt(0.0, "entropy bonus: the loss becomes GVPO's minus this times the mean entropy (nats, at "
-                                    "the sampling temperature) of the policy's next-token distribution over each "
+    entropy_coef: float = _opt(0.0, "entropy bonus: the loss becomes GVPO's minus this times the mean entropy (nats, "
+                                    "at the sampling temperature) of the policy's next-token distribution over each "
                                     "optimizer step's scored tokens; > 0 keeps the policy from collapsing, < 0 "
                                     "sharpens it (0 = off)")
     anchor: str = _opt("old", "anchor log-probs: 'old' = the policy before this step's update (the paper's recipe), "
