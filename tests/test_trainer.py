@@ -208,23 +208,29 @@ def test_anchor_logprobs_match_each_sequence_run_alone_without_padding():
         assert (batched[i, n:] == 0).all() and (entropy[i, n:] == 0).all()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_update_loss_and_gradients_equal_the_reference_on_full_logits(temperature):
+@pytest.mark.parametrize("temperature, entropy_coef", [(1.0, 0.0), (0.7, 0.0), (0.7, 0.3), (1.0, -0.2)],
+                         ids=["T1", "T0.7", "T0.7-bonus", "T1-penalty"])
+def test_update_loss_and_gradients_equal_the_reference_on_full_logits(temperature, entropy_coef):
     model, batch = fixed_rollout(temperature)
     other = tiny.build_model(tiny.build_tokenizer(), seed=2)  # a different anchor, so the loss is not constant
     batch.anchor = update.token_logprobs(other, batch, temperature)
     params = list(model.parameters())
 
-    loss, stats = update.gvpo_loss(model, batch, beta=0.1, temperature=temperature, backend="torch")
+    loss, stats = update.gvpo_loss(model, batch, beta=0.1, temperature=temperature, backend="torch",
+                                   entropy_coef=entropy_coef)
     grads = torch.autograd.grad(loss, params)
 
     labels = batch.completion_ids.masked_fill(~batch.completion_mask, -100)
     expected, expected_stats = gk.reference.gvpo_loss(
         full_logits(model, batch), labels, batch.rewards, group_size=4, mask=batch.completion_mask,
-        ref_logprobs=batch.anchor, beta=0.1, temperature=temperature, return_stats=True)
+        ref_logprobs=batch.anchor, beta=0.1, temperature=temperature, entropy_coef=entropy_coef, return_stats=True)
+    if entropy_coef:  # the bonus is entropy_coef x the mean entropy over the scored tokens
+        entropy = (stats.entropy * batch.completion_mask.sum(1)).sum() / batch.completion_mask.sum()
+        torch.testing.assert_close(stats.entropy_bonus, entropy_coef * entropy, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loss, stats.gvpo_loss - stats.entropy_bonus, rtol=1e-6, atol=1e-7)
     expected_grads = torch.autograd.grad(expected, params)
 
-    assert loss.item() > 1e-3
+    assert stats.gvpo_loss.item() > 1e-3
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     for got, want in zip(stats, expected_stats):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -251,7 +257,12 @@ def test_bf16_autocast_gives_the_loss_one_dtype_and_the_old_anchor_matches_the_p
     assert stats.implicit_reward.abs().max() < 1e-3
 
 
-def test_micro_batches_and_accumulation_give_the_full_batch_gradient_without_building_logits():
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.3], ids=["no-bonus", "bonus"])
+def test_micro_batches_and_accumulation_give_the_full_batch_gradient_without_building_logits(entropy_coef):
+    """One optimizer step over three micro-batches of one group each equals one step over the whole batch: the GVPO
+    loss (each micro-batch weighted by its share of the groups) and the entropy bonus (each micro-batch's
+    coefficient rescaled so that the step's is the mean over all its scored tokens, though the groups' completions
+    have different lengths)."""
     def gradients(micro_batch_groups, grad_accum):
         model, batch = fixed_rollout()
         batch.anchor = update.token_logprobs(tiny.build_model(tiny.build_tokenizer(), seed=2), batch, 1.0)
@@ -261,26 +272,38 @@ def test_micro_batches_and_accumulation_give_the_full_batch_gradient_without_bui
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         stats = update.update(update.Policy(model), optimizer, scheduler, batch, beta=0.1, temperature=1.0,
                               backend="torch", update_epochs=1, micro_batch_groups=micro_batch_groups,
-                              grad_accum=grad_accum, max_grad_norm=0.0, autocast=torch.autocast("cpu", enabled=False))
+                              grad_accum=grad_accum, max_grad_norm=0.0, autocast=torch.autocast("cpu", enabled=False),
+                              entropy_coef=entropy_coef)
         assert not calls, "the update called lm_head.forward: it built the full logits"
-        return stats, [p.grad.clone() for p in model.parameters()]
+        return stats, [p.grad.clone() for p in model.parameters()], batch
 
-    whole, whole_grads = gradients(None, 1)
-    split, split_grads = gradients(1, 3)  # three micro-batches of one group, one optimizer step
+    whole, whole_grads, batch = gradients(None, 1)
+    split, split_grads, _ = gradients(1, 3)  # three micro-batches of one group, one optimizer step
     assert whole["grad_norm"] > 0
-    for key in ("loss", "implicit_reward", "kl", "grad_seq_abs", "grad_norm"):
+    keys = ("loss", "implicit_reward", "kl", "grad_seq_abs", "grad_norm")
+    if entropy_coef:
+        keys += ("gvpo_loss", "entropy_bonus")
+        lengths = batch.completion_mask.sum(1).view(3, 4).sum(1)
+        assert len(set(lengths.tolist())) > 1, "the groups have as many tokens: the rescaling is not tested"
+        assert whole["loss"] == pytest.approx(whole["gvpo_loss"] - whole["entropy_bonus"], rel=1e-6)
+    else:
+        assert "gvpo_loss" not in whole and "entropy_bonus" not in whole
+    for key in keys:
         assert split[key] == pytest.approx(whole[key], rel=1e-5), key
     for a, b in zip(whole_grads, split_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_cli_help_and_config_errors(capsys):
-    from gvpo_kernels.trainer.cli import main
+    from gvpo_kernels.trainer.cli import build_parser, main
 
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--anchor" in out and "--overwrite" in out and "--fsdp" in out
+    assert "--entropy-coef ENTROPY_COEF entropy bonus: the loss becomes GVPO's minus this" in out
+    assert build_parser().parse_args(["--entropy-coef", "0.05"]).entropy_coef == 0.05
+    assert build_parser().parse_args(["--entropy-coef=-1e-3"]).entropy_coef == -1e-3
     assert "(less memory, ~30% slower)" in out and "about 30 s" in out, "help text garbled or stale"
     with pytest.raises(SystemExit):
         main(["--k", "1"])
@@ -367,3 +390,35 @@ def test_the_ref_anchor_logs_a_growing_kl_and_the_policy_entropy(tmp_path):
     # both see the same rollout and the policy before its first optimizer step
     first = train(small(tmp_path / "old", steps=1))[0]
     assert metrics[0]["entropy"] == pytest.approx(first["entropy"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- entropy bonus
+
+
+def test_the_entropy_bonus_lowers_the_logged_loss_by_coef_times_the_entropy(tmp_path):
+    """Step 1 samples the same completions with and without the bonus (same seed, no update yet); the GVPO part is
+    the loss of the run without it, and the loss is lower by entropy_coef x the policy's mean entropy over the scored
+    tokens (the 'old' anchor's pass measures it on the same policy). The run without the bonus logs neither part."""
+    plain = train(small(tmp_path / "plain", steps=1))[0]
+    bonus = train(small(tmp_path / "bonus", steps=1, entropy_coef=0.5))[0]
+    assert "gvpo_loss" not in plain and "entropy_bonus" not in plain
+    assert bonus["reward_mean"] == plain["reward_mean"] and bonus["entropy"] == plain["entropy"]
+    assert bonus["gvpo_loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert bonus["entropy_bonus"] == pytest.approx(0.5 * bonus["entropy"], rel=1e-5)
+    assert bonus["loss"] == pytest.approx(plain["loss"] - 0.5 * bonus["entropy"], rel=1e-5)
+    assert bonus["loss"] == pytest.approx(bonus["gvpo_loss"] - bonus["entropy_bonus"], rel=1e-6)
+    assert bonus["grad_norm"] != plain["grad_norm"], "the bonus did not reach the gradient"
+
+
+def test_resume_with_the_entropy_bonus_continues_exactly(tmp_path):
+    full = train(small(tmp_path, steps=4, save_every=2, entropy_coef=0.2, micro_batch_groups=1, grad_accum=3))
+    assert all({"gvpo_loss", "entropy_bonus"} <= set(m) for m in full)
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if the run had died after step 2's checkpoint
+    resumed = train(small(tmp_path, steps=4, save_every=2, entropy_coef=0.2, micro_batch_groups=1, grad_accum=3,
+                          resume="latest"))
+    for before, after in zip(full, resumed, strict=True):
+        assert {k: v for k, v in before.items() if k not in TIMING} == {
+            k: v for k, v in after.items() if k not in TIMING}
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's run: entropy_coef 0.2 -> 0.0"):
+        again = train(small(tmp_path / "again", steps=4, resume=str(tmp_path / "checkpoint-2")))
+    assert [m["step"] for m in again] == [3, 4] and "entropy_bonus" not in again[0]

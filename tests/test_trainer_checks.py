@@ -44,6 +44,12 @@ from gvpo_kernels.trainer import TrainConfig, tiny  # noqa: E402
     (["--output-dir", ""], "--output-dir must not be empty"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag (see --help)"),
     (["--anchor", "new"], "argument --anchor: invalid choice: 'new'"),
+    (["--entropy-coef", "nan"], "--entropy-coef must be a finite number (the entropy bonus's coefficient; 0 = off), "
+                                "got nan"),
+    (["--entropy-coef", "inf"], "--entropy-coef must be a finite number"),
+    (["--entropy-coef=-inf"], "--entropy-coef must be a finite number"),
+    (["--entropy-coef", "1e30"], "--entropy-coef must be in [-1.84467e+19, 1.84467e+19]"),
+    (["--entropy-coef", "lots"], "argument --entropy-coef: invalid float value: 'lots'"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_a_bad_value_is_one_line_before_any_model_loads(argv, message, tmp_path, capsys, monkeypatch):
     err = cli_error(capsys, monkeypatch, "--output-dir", str(tmp_path / "out"), *argv)
@@ -104,11 +110,38 @@ def test_a_model_path_that_does_not_exist_or_is_not_a_model_is_refused(tmp_path,
         tmp_path / "encoder")
     assert "is a T5Config, which AutoModelForCausalLM does not load" in cli_error(
         capsys, monkeypatch, *out, "--model", str(tmp_path / "encoder"))
+
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(logits_scaling=4.0), "sets logits_scaling=4.0, which divides the logits in Granite's family"),
+    (dict(logit_scale="inv_sqrt_d_model"), "sets logit_scale='inv_sqrt_d_model', which is understood only as a "
+                                           "finite number > 0"),
+    (dict(logit_scale=2.0, lm_head_multiplier=3.0), "sets logit_scale=2.0, lm_head_multiplier=3.0: no known model "
+                                                    "combines them"),
+    (dict(final_logit_softcapping=-1.0), "sets final_logit_softcapping=-1.0"),
+], ids=["logits_scaling-on-llama", "not-a-number", "two-multipliers", "negative-softcap"])
+def test_a_logit_transform_nobody_recognises_is_refused_before_loading(fields, message, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A saved model whose config announces a logit transform that cannot be read is refused from its config alone
+    (the transforms that can be read are trained: tests/test_trainer_models.py)."""
     model = tiny.build_model(tiny.build_tokenizer(), seed=0)
-    model.config.logit_scale = 0.5
-    model.save_pretrained(tmp_path / "scaled")
-    assert "config sets logit_scale, which the linear GVPO loss does not apply" in cli_error(
-        capsys, monkeypatch, *out, "--model", str(tmp_path / "scaled"))
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    model.save_pretrained(tmp_path / "model")
+    err = cli_error(capsys, monkeypatch, "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "model"))
+    assert f"model: '{tmp_path / 'model'}': the model's config {message}" in err, err
+    assert "the trainer would score other log-probs than the model samples" in err
+
+
+def test_a_logit_scale_that_float32_cannot_take_with_the_temperature_is_refused(tmp_path, capsys, monkeypatch):
+    model = tiny.build_model(tiny.build_tokenizer(), seed=0)
+    model.config.logit_scale = 1e-30
+    model.save_pretrained(tmp_path / "model")
+    err = cli_error(capsys, monkeypatch, "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "model"),
+                    "--temperature", "1e10")
+    assert "logits are lm_head(hidden) * 1e-30, which with --temperature 1e+10 the loss cannot take: logit_scale " \
+        "/ temperature must lie in" in err, err
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch):

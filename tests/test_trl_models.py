@@ -20,8 +20,8 @@ datasets = pytest.importorskip("datasets")
 from test_trl import (  # noqa: E402
     TEMPERATURE, WORDS, RecordingTrainer, make_model, make_tokenizer, make_trainer, reward_from_text, trl_own_logps)
 
-from gvpo_kernels.integrations.trl import (  # noqa: E402
-    GVPOConfig, GVPOTrainer, LogitTransform, _check_hidden_matches_logits, logit_transform)
+from gvpo_kernels.integrations.hf import LogitTransform, logit_transform  # noqa: E402
+from gvpo_kernels.integrations.trl import GVPOConfig, GVPOTrainer, _check_hidden_matches_logits  # noqa: E402
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64)

@@ -2,7 +2,8 @@
 
 run_update: every rank samples the same batch from one seed (so the ranks hold the same samples one process would),
 computes the one-process update on the whole batch, then takes its share of the groups and runs the update
-through DDP and through FSDP2; loss, logged statistics and every gradient must match the one-process ones.
+through DDP and through FSDP2 (and through DDP with an entropy bonus); loss, logged statistics and every gradient
+must match the one-process ones.
 
 run_train: gvpo-train's loop on the ranks: a run, the same run resumed from its middle checkpoint (identical
 metrics), and that checkpoint resumed with FSDP; then a run with replay, demonstrations and a lagged sampler,
@@ -85,6 +86,17 @@ def run_update(rank: int, world_size: int, init_file: str) -> None:
         for (name, _), g, w in zip(update.Policy(tiny.build_model(tiny.build_tokenizer(), 1)).named_parameters(),
                                    got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8, msg=lambda m: f"fsdp={fsdp} {name}: {m}")
+    # with an entropy bonus (DDP): the ranks' shares, in micro-batches of groups with different token counts, give
+    # the one-process step, whose bonus is the mean over all its scored tokens
+    want, want_grads = run_once(update.Policy(tiny.build_model(tiny.build_tokenizer(), seed=1)), batch,
+                                parallel.World(), micro_batch_groups=None, grad_accum=1, entropy_coef=0.3)
+    policy = parallel.wrap(update.Policy(tiny.build_model(tiny.build_tokenizer(), seed=1)), world,
+                           torch.device("cpu"), fsdp=False)
+    got, got_grads = run_once(policy, mine, world, micro_batch_groups=1, grad_accum=share, entropy_coef=0.3)
+    for key in ("loss", "gvpo_loss", "entropy_bonus", "grad_norm"):
+        assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]) + 1e-12, ("bonus", key, got[key], want[key])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
     finish()
 
 

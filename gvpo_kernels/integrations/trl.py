@@ -78,6 +78,9 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from ..functional import linear_gvpo_loss, linear_token_logprobs
+# The logit transform lives in the TRL-free hf module (the minimal trainer reads it too); re-exported here.
+from .hf import (LOGITS_SCALING_DIVIDES, LOGITS_SCALING_MULTIPLIES, MULTIPLIER_FIELDS,  # noqa: F401
+                 SOFTCAP_FIELD, LogitTransform, logit_transform)
 
 # Options of GRPOConfig that GVPOTrainer ignores; a value other than GRPOConfig's default gets a warning.
 INAPPLICABLE_OPTIONS = {
@@ -93,83 +96,6 @@ INAPPLICABLE_OPTIONS = {
     "top_entropy_quantile": "every scored completion token enters the loss and the entropy bonus",
     "off_policy_mask_threshold": "no off-policy sequence mask is applied",
 }
-
-# How transformers 5.x's causal LMs transform lm_head(hidden) before the softmax, by config field (of the text config):
-# logits = softcap * tanh(lm_head(hidden) * scale / softcap), or lm_head(hidden) * scale without a soft-cap.
-SOFTCAP_FIELD = "final_logit_softcapping"  # Gemma-2/3/3n/4, VaultGemma, Nanochat, Mistral-Large-4, PaliGemma, ...
-# Fields that multiply the logits: Cohere / Cohere2 / Cohere2-MoE / Aya Vision (logit_scale), Muse Glimmer / Spark
-# (output_multiplier, before their soft-cap), Falcon-H1 (lm_head_multiplier).
-MULTIPLIER_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
-# logits_scaling divides in Granite's family and MiniCPM3 (which divides the bias-free head's input, the same thing)
-# and multiplies in HyperCLOVA X: its meaning depends on the model type, and an unlisted type is refused.
-LOGITS_SCALING_DIVIDES = frozenset({"granite", "granitemoe", "granitemoehybrid", "granitemoeshared", "granite_swa",
-                                    "granitemoe_swa", "granite_docling_text", "granite4_vision_text", "minicpm3"})
-LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """What a model does to ``lm_head(hidden)`` before the softmax: the softmax sees
-    ``softcap * tanh(z * logit_scale / softcap) / temperature`` (``z * logit_scale / temperature`` when ``softcap``
-    is None). The keywords of the same names of :func:`gvpo_kernels.linear_gvpo_loss`."""
-
-    softcap: float | None = None
-    logit_scale: float = 1.0
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The transformed logits, in float32 math (any shape)."""
-        z = logits.float() * self.logit_scale
-        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
-
-    def describe(self) -> str:
-        scaled = "lm_head(hidden)" if self.logit_scale == 1.0 else f"lm_head(hidden) * {self.logit_scale:g}"
-        if self.softcap is None:
-            return scaled
-        return f"{self.softcap:g} * tanh({scaled} / {self.softcap:g})"
-
-
-def logit_transform(config) -> LogitTransform:
-    """The logit transform of a transformers model from its config (its text config for a multimodal one).
-
-    Reads ``final_logit_softcapping`` (a soft-cap), ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``
-    (multipliers) and ``logits_scaling`` (a divisor for Granite's family and MiniCPM3, a multiplier for HyperCLOVA
-    X), as transformers' modeling code applies them and TRL's fused LM head reads them. A field that is absent or
-    None, or a multiplier equal to 1, does nothing.
-
-    Raises:
-        ValueError: a value that is not a finite number > 0; ``logits_scaling`` on a model type whose use of it is
-            not known; two multiplier fields set at once (no known model does; which one applies is unknown).
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_types = {getattr(text, "model_type", None), getattr(config, "model_type", None)} - {None, ""}
-
-    def number(name):
-        value = getattr(text, name, None)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"GVPOTrainer: the model's config sets {name}={value!r}; GVPOTrainer understands it only "
-                             "as a finite number > 0 that transforms the logits")
-        return float(value)
-
-    softcap = number(SOFTCAP_FIELD)
-    fields = {name: number(name) for name in (*MULTIPLIER_FIELDS, "logits_scaling")}
-    fields = {name: value for name, value in fields.items() if value is not None and value != 1.0}
-    if len(fields) > 1:
-        raise ValueError(f"GVPOTrainer: the model's config sets {', '.join(f'{n}={v!r}' for n, v in fields.items())}: "
-                         "no model GVPOTrainer knows combines them, so it cannot tell how its logits are computed")
-    scale = next(iter(fields.values()), 1.0)
-    if "logits_scaling" in fields:
-        if model_types & LOGITS_SCALING_DIVIDES:
-            scale = 1.0 / scale
-        elif not model_types & LOGITS_SCALING_MULTIPLIES:
-            raise ValueError(
-                f"GVPOTrainer: the model's config sets logits_scaling={scale!r}, which divides the logits in "
-                "Granite's family and MiniCPM3 and multiplies them in HyperCLOVA X; GVPOTrainer does not know what it "
-                f"does in a model of type {' / '.join(sorted(model_types)) or 'unknown'}, so it cannot reproduce "
-                "the model's log-probs")
-    return LogitTransform(softcap=softcap, logit_scale=scale)
-
 
 @dataclass
 class GVPOConfig(GRPOConfig):
@@ -567,7 +493,10 @@ def _lm_head_params(model):
 def _check_lm_head(model) -> None:
     """Refuse a model whose logit transform :func:`logit_transform` cannot read, and an LM head with a PEFT
     adapter."""
-    logit_transform(_causal_lm(model).config)
+    try:
+        logit_transform(_causal_lm(model).config)
+    except ValueError as err:
+        raise ValueError(f"GVPOTrainer: {err}") from None
     head = model.get_output_embeddings()
     if head is not None and hasattr(head, "base_layer"):
         raise ValueError("GVPOTrainer: the lm_head carries a PEFT adapter; remove lm_head from the adapter's "

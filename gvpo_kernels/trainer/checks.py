@@ -1,7 +1,8 @@
 """What a run can check before it loads a model (TrainConfig itself checks each value's type and range): the
-device, the model's path or name, the data, the reward, the backend, the number of processes, the output
-directory and, on resume, that the checkpoint is complete and its run had the same schedule. Each failure is one
-:class:`ConfigError` whose message is the whole story (gvpo-train prints it as one line and exits 2).
+device, the model's path or name and its logit transform, the data, the reward, the backend, the number of
+processes, the output directory and, on resume, that the checkpoint is complete and its run had the same schedule.
+Each failure is one :class:`ConfigError` whose message is the whole story (gvpo-train prints it as one line and
+exits 2).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..integrations.hf import LogitTransform, logit_transform
+from ..layout import check_options
 from . import checkpoint
 from .config import TrainConfig
 from .data import load_rows
@@ -93,7 +96,7 @@ def prepare(cfg: TrainConfig, world: World, device: torch.device) -> Plan:
                           "every rank, which a model that needs FSDP does not fit); use DDP, or an asynchronous "
                           "rollout engine (TRL, verl)")
     check_backend(cfg.backend, device)
-    check_model(cfg.model)
+    check_loss_options(cfg, check_model(cfg.model))
     try:
         rows, reward_fn = load_rows(cfg.data, cfg.demos), load_reward(cfg.reward)
         check_fields(reward_fn, cfg.reward, rows)
@@ -128,12 +131,27 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise ConfigError(f"backend: {backend!r} cannot run: {reason} (--backend auto picks what runs)")
 
 
-def check_model(name: Optional[str]) -> None:
+def check_loss_options(cfg: TrainConfig, transform: LogitTransform) -> None:
+    """The loss's own checks of the options the run passes it (beta, temperature, the model's soft-cap and scale,
+    entropy_coef, backend), together: a logit scale that takes ``logit_scale / temperature`` out of float32's range
+    is refused now, not at step 1."""
+    try:
+        check_options(beta=cfg.beta, temperature=cfg.temperature, reduction="mean", ignore_index=-100,
+                      backend=cfg.backend, softcap=transform.softcap, logit_scale=transform.logit_scale,
+                      entropy_coef=cfg.entropy_coef)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {cfg.model!r}'s logits are {transform.describe()}, which with --temperature "
+                          f"{cfg.temperature:g} the loss cannot take: {err}") from None
+
+
+def check_model(name: Optional[str]) -> LogitTransform:
     """``--model`` names a saved causal LM: a directory with its config.json, or a Hugging Face Hub name whose
-    config can be fetched (or is in the cache); its config must be one AutoModelForCausalLM loads, without the
-    logit transforms the linear loss does not apply. Reads the config only, never the weights."""
+    config can be fetched (or is in the cache); its config must be one AutoModelForCausalLM loads, with a logit
+    transform :func:`logit_transform` can read (a soft-cap, a scale, a divisor). Returns that transform (none for
+    the built-in model). Reads the config only, never the weights; when the model loads,
+    :func:`gvpo_kernels.trainer.models.check_logit_transform` checks that its logits are what the config says."""
     if name is None:
-        return
+        return LogitTransform()
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -154,9 +172,11 @@ def check_model(name: Optional[str]) -> None:
         raise ConfigError(f"model: cannot read the config of {name!r} ({type(err).__name__}: {text})") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ConfigError(f"model: {name!r} is a {type(config).__name__}, which AutoModelForCausalLM does not load")
-    for key in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, key, None) not in (None, 1.0):
-            raise ConfigError(f"model: {name!r}'s config sets {key}, which the linear GVPO loss does not apply")
+    try:
+        return logit_transform(config)
+    except ValueError as err:
+        raise ConfigError(f"model: {name!r}: {err}; the trainer would score other log-probs than the model "
+                          "samples") from None
 
 
 def check_demonstrations(rows: list[dict], data: Optional[str]) -> None:

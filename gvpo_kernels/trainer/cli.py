@@ -4,9 +4,10 @@
     gvpo-train --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --reward last_number --lr 1e-6 ...
     torchrun --nproc-per-node 8 -m gvpo_kernels.trainer --model ... [--fsdp]      # data parallel
 
-A setting that cannot work (a flag's value, the data, reward, model path, device, backend, output dir, resume) is
-one line on stderr and exit status 2, before any model is loaded; a checkpoint that cannot be written or read is
-one line and exit status 1.
+A setting that cannot work (a flag's value, the data, reward, model path and its logit transform, device, backend,
+output dir, resume) is one line on stderr and exit status 2, before any model is loaded (a model whose own logits
+are not what its config says: when it loads, before the first step); a checkpoint that cannot be written or read
+is one line and exit status 1.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ ANCHORS = ("old", "ref")
 BACKENDS = ("auto", "triton", "cpu", "torch")
 # beta and temperature reach the loss, which takes them as normal float32 numbers with a finite reciprocal
 FLOAT32_TINY, FLOAT32_MAX = 2.0**-126, 2.0**126
+# entropy_coef reaches the loss rescaled per micro-batch (update.py), by at most ranks x groups: far below float32's max
+ENTROPY_COEF_MAX = 2.0**64
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a 64-bit integer; the ranks' seeds are derived below 2**63
 
 
@@ -51,6 +53,10 @@ class TrainConfig:
 
     # update
     beta: float = _opt(0.1, "GVPO implicit-reward scale, the KL coefficient, > 0 (the paper's recipe: 0.1)")
+    entropy_coef: float = _opt(0.0, "entropy bonus: the loss becomes GVPO's minus this times the mean entropy (nats, "
+                                    "at the sampling temperature) of the policy's next-token distribution over each "
+                                    "optimizer step's scored tokens; > 0 keeps the policy from collapsing, < 0 "
+                                    "sharpens it (0 = off)")
     anchor: str = _opt("old", "anchor log-probs: 'old' = the policy before this step's update (the paper's recipe), "
                               "'ref' = a frozen copy of the initial model", choices=ANCHORS)
     update_epochs: int = _opt(1, "passes over each step's samples")
@@ -131,6 +137,7 @@ FLOAT_RANGES = (
     ("beta", FLOAT32_TINY, FLOAT32_MAX, False, " (GVPO's KL coefficient, computed in float32: a negative one trains "
                                                "away from the reward, 0 gives no gradient)"),
     ("temperature", FLOAT32_TINY, FLOAT32_MAX, False, " (the logits are divided by it, in float32)"),
+    ("entropy_coef", -ENTROPY_COEF_MAX, ENTROPY_COEF_MAX, False, " (the entropy bonus's coefficient; 0 = off)"),
     ("top_p", 0.0, 1.0, True, " (1 = off)"),
 )
 

@@ -51,6 +51,8 @@ class Trainer:
         if plan.resume_from:
             try:
                 model, self.tokenizer = load(str(plan.resume_from))
+            except checks.ConfigError:  # a checkpoint whose logits are not what its config says
+                raise
             except Exception as err:  # damaged weights (the sizes in run.json matched): one line, not a traceback
                 text = str(err).splitlines()[0] if str(err) else ""
                 raise checkpoint.CheckpointError(f"resume: cannot load the model in {str(plan.resume_from)!r} "
@@ -154,14 +156,15 @@ class Trainer:
             batch, replayed = self.mix(sampled, rows, step)
         with torch.no_grad(), self.autocast():
             if self.ref is None:  # the sampling policy's entropy, from the anchor pass
-                batch.anchor, entropy = self.policy("logprobs", batch, cfg.temperature, return_entropy=True)
+                batch.anchor, entropy = self.policy("logprobs", batch, cfg.temperature, return_entropy=True,
+                                                    backend=cfg.backend)
             else:  # with a frozen reference, the entropy comes from the loss's own pass (GVPOStats.entropy)
-                batch.anchor, entropy = self.ref("logprobs", batch, cfg.temperature), None
+                batch.anchor, entropy = self.ref("logprobs", batch, cfg.temperature, backend=cfg.backend), None
         stats = update(self.policy, self.optimizer, self.scheduler, batch, beta=cfg.beta,
                        temperature=cfg.temperature, backend=cfg.backend, update_epochs=cfg.update_epochs,
                        micro_batch_groups=cfg.micro_batch_groups, grad_accum=cfg.grad_accum,
                        max_grad_norm=cfg.max_grad_norm, autocast=self.autocast(), world=self.world,
-                       before_step=None if self.lagged is None else self.lagged.push)
+                       before_step=None if self.lagged is None else self.lagged.push, entropy_coef=cfg.entropy_coef)
         for _ in range(self.per_rollout - stats["optimizer_steps"]):  # fewer groups than planned: keep the schedule
             self.scheduler.step()
         if self.device.type == "cuda":
@@ -184,7 +187,10 @@ class Trainer:
         seconds = parallel.all_max(seconds, self.world, self.device)
         mean = reward_sum / count
         record = {"step": step + 1, "reward_mean": mean, "reward_std": max(0.0, reward_sq / count - mean**2) ** 0.5,
-                  "loss": stats["loss"], "implicit_reward": stats["implicit_reward"], "kl": stats["kl"],
+                  "loss": stats["loss"],
+                  **({"gvpo_loss": stats["gvpo_loss"], "entropy_bonus": stats["entropy_bonus"]}
+                     if cfg.entropy_coef else {}),
+                  "implicit_reward": stats["implicit_reward"], "kl": stats["kl"],
                   "entropy": entropy_sum / scored, "grad_seq_abs": stats["grad_seq_abs"],
                   "completion_len": scored / count, "grad_norm": stats["grad_norm"],
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds, "step_time": seconds,

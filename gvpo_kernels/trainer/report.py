@@ -5,7 +5,11 @@ Fields of a metrics line:
     step             rollout steps done (1-based)
     reward_mean      mean reward of the step's G * k sampled completions (not replayed ones, not demonstrations)
     reward_std       their standard deviation
-    loss             GVPO loss (mean over groups), averaged over the step's optimizer steps
+    loss             GVPO loss (mean over groups), minus the entropy bonus with --entropy-coef, averaged over the
+                     step's optimizer steps
+    gvpo_loss        with --entropy-coef: the GVPO part of the loss (loss = gvpo_loss - entropy_bonus)
+    entropy_bonus    with --entropy-coef: entropy_coef times the mean policy entropy over each optimizer step's
+                     scored tokens (its first pass; GVPOStats.entropy_bonus), averaged like the loss
     implicit_reward  mean r_i = beta * (s_i - a_i) (0 on the first pass with the 'old' anchor)
     kl               mean s_i - a_i: the sequence log-ratio of policy and anchor during the update, whose mean
                      over samples of the policy estimates KL(policy || anchor) (0 on the first pass with 'old')
@@ -112,7 +116,12 @@ def plot(metrics: list[dict], path: Path) -> Path:
     top.plot(steps, smooth, label=f"moving average ({window} steps)")
     top.set_ylabel("reward")
     top.legend(loc="lower right")
-    middle.plot(steps, [m["loss"] for m in metrics], color="tab:red")
+    if "gvpo_loss" in metrics[-1]:  # --entropy-coef: the GVPO part and the loss minimised
+        middle.plot(steps, [m.get("gvpo_loss", m["loss"]) for m in metrics], color="tab:red", label="GVPO loss")
+        middle.plot(steps, [m["loss"] for m in metrics], color="tab:orange", label="loss = GVPO - entropy bonus")
+        middle.legend(loc="upper right")
+    else:
+        middle.plot(steps, [m["loss"] for m in metrics], color="tab:red")
     middle.set_ylabel("GVPO loss")
     bottom.plot(steps, [m["entropy"] for m in metrics], color="tab:green", label="entropy (nats/token)")
     bottom.plot(steps, [m["kl"] for m in metrics], color="tab:purple", label="KL to anchor (s - a, nats/seq)")
