@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
-import trainer_worker  # noqa: E402
+from helpers import trainer_worker  # noqa: E402
 from gvpo_kernels.trainer import checkpoint, data, tiny, train  # noqa: E402
 from gvpo_kernels.trainer.report import read_metrics  # noqa: E402
 

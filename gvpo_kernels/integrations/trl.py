@@ -6,61 +6,15 @@ A TRL user changes two lines::
     trainer = GVPOTrainer(model=model, reward_funcs=reward_fn, args=GVPOConfig(..., gvpo_beta=0.1),
                           train_dataset=dataset, processing_class=tokenizer)
 
-Everything before the loss is TRL's own: generation (transformers or vLLM), reward functions and their weights,
-tools and environments, logging. Only these steps change:
-
-1. ``_generate_and_score_completions`` adds two per-completion columns to TRL's batch: ``gvpo_rewards`` (B,) float32,
-   the weighted sum of the reward functions *before* TRL centres or scales it, and ``gvpo_group_ids`` (B,) int64,
-   the prompt group of each completion (TRL's own grouping: ``num_generations`` consecutive completions of the
-   gathered generation batch share a prompt).
-2. ``_prepare_inputs`` shuffles the buffered generation batch by whole groups rather than by rows, so that each
-   micro-batch holds complete groups whenever ``per_device_train_batch_size`` is a multiple of ``num_generations``.
-   GVPO centres within a group: a group cut across micro-batches would be centred over its pieces.
-3. ``_compute_loss`` runs the model once for the last hidden state (``logits_to_keep=1``: no (B, T, V) logits
-   are built), and calls :func:`gvpo_kernels.linear_gvpo_loss` on it and the LM head with TRL's completion mask
-   (times its tool mask), TRL's sampling ``temperature``, the model's logit transform (below), the groups above,
-   TRL's entropy bonus (below) and the anchor ``gvpo_anchor`` names: "old" (the default, the official recipe's):
-   TRL's ``old_per_token_logps`` when TRL computed them (``num_iterations > 1``, ``steps_per_generation`` larger
-   than ``gradient_accumulation_steps``, or vLLM), otherwise the policy itself (on-policy: the anchor equals the
-   current policy before the update, so TRL skips that forward pass); "ref": TRL's ``ref_per_token_logps``, the
-   log-probs of the frozen reference model that TRL loads when ``beta != 0`` (the adapter-free model under PEFT;
-   refreshed with ``sync_ref_model``). The loss is the mean over the groups of the micro-batch, divided by the number
-   of gradient-accumulation steps as TRL does for its own losses. TRL's ``entropy`` metric (the mean over the scored
-   completion tokens of the policy's entropy, over all processes) is logged from the same pass
-   (``GVPOStats.entropy``).
-4. ``_get_per_token_logps_and_entropies``, TRL's old-policy and reference log-prob passes, keeps TRL's batching
-   and its multimodal inputs but runs each chunk's model for the last hidden state only and calls
-   :func:`gvpo_kernels.linear_token_logprobs` on it: the same (B, C) float32 log-probs (and entropies when asked),
-   0 at the positions TRL does not score, as TRL's own fused LM head.
-
-In steps 3 and 4 the LM head runs in the precision of TRL's own fused LM head (:func:`lm_head_dtype`): with
-``cast_lm_head_to_fp32``, float32 on the hidden states upcast to float32 (bf16 ones under ``bf16=True`` with a
-bf16 model), autocast off; otherwise the autocast dtype under mixed precision (``bf16=True``, TRL's default), else
-the weight's dtype; accumulation is float32 in every case.
-
-**Logit transforms** (Gemma-2's soft-cap, Cohere's scale, Granite's divisor, ...) are read from the model's config by
-:func:`logit_transform` and passed on as ``softcap`` / ``logit_scale``; the first forward of each model checks the
-transformed head against the model's own logits. **TRL's entropy bonus** (``entropy_coef``, ``use_adaptive_entropy``)
-is the ``entropy_coef`` of the same fused call, with TRL's semantics (per-micro-batch token mean, divided by the
-accumulation steps; the adaptive controller: :meth:`GVPOTrainer._update_entropy_controller`).
-
-GRPOConfig options that do not apply to GVPO (a warning names each one set to a non-default value):
-``epsilon``, ``epsilon_high``, ``delta`` (no ratio clipping: GVPO has no importance ratio), ``loss_type`` and its
-``sapo_*`` / ``vespo_*`` options, ``importance_sampling_level``, ``scale_rewards`` and
-``multi_objective_aggregation`` (GVPO centres the weighted reward sum inside its loss and never divides by a
-standard deviation), ``beta`` (TRL's KL penalty is not added; GVPO's own KL coefficient is ``gvpo_beta``. A
-non-zero ``beta`` only makes TRL load and run the reference model, which ``gvpo_anchor="ref"`` needs and
-``gvpo_anchor="old"`` leaves unused: leave ``beta`` at 0 there), ``top_entropy_quantile`` (every scored token enters
-the loss and the entropy bonus) and ``off_policy_mask_threshold``. ``vllm_importance_sampling_*`` has no effect
-either (GVPO needs no importance sampling; with vLLM the "old" anchor is the training model's log-probs of the
-sampled tokens). TRL's ``clip_ratio/*`` and ``kl`` metrics are not logged; ``entropy``, ``policy_loss`` /
-``entropy_coef`` (with an entropy bonus) and the ``gvpo/*`` metrics are (the GVPO loss, the mean implicit reward
-``beta * (s_i - a_i)`` and the mean ``|dL/ds_i|``). With ``gvpo_anchor="ref"``, TRL still computes
-``old_per_token_logps`` where it would for GRPO (``num_iterations > 1``, ...), unused.
-
-Limits: the model's logits must be its LM head on the last hidden state, transformed as above at most. DeepSpeed
-ZeRO-3 is refused (the LM head's weight is read outside its module); FSDP2 DTensor weights are gathered with
-``full_tensor()``; an LM head carrying a PEFT adapter is refused.
+Everything before the loss is TRL's own (generation, rewards, tools, logging). What changes: the batch carries the
+raw weighted rewards and each completion's prompt group; the buffered batch is shuffled by whole groups; the loss
+runs the model for its last hidden state only and calls :func:`gvpo_kernels.linear_gvpo_loss` with TRL's mask,
+temperature, the model's logit transform (``integrations.hf``: soft-cap, scale), TRL's entropy bonus (static or
+adaptive, with TRL's semantics) and the anchor ``gvpo_anchor`` ("old": the sampling policy, the official recipe's;
+"ref": TRL's frozen reference); TRL's old-policy and reference log-prob passes call
+:func:`gvpo_kernels.linear_token_logprobs`. The LM head runs in the precision of TRL's own fused head
+(:func:`lm_head_dtype`). docs/trl.md says each step, which GRPOConfig options do not apply (with a warning), which
+metrics are logged, and the limits (ZeRO-3 and a PEFT adapter on the LM head are refused).
 """
 
 from __future__ import annotations

@@ -1,37 +1,6 @@
 """What the user sees: metrics.jsonl (one JSON object per step), the progress bar, sample completions, the plot.
 
-Fields of a metrics line:
-
-    step             rollout steps done (1-based)
-    reward_mean      mean reward of the step's G * k sampled completions (not replayed ones, not demonstrations)
-    reward_std       their standard deviation
-    loss             GVPO loss (mean over groups), minus the entropy bonus with --entropy-coef, averaged over the
-                     step's optimizer steps
-    gvpo_loss        with --entropy-coef: the GVPO part of the loss (loss = gvpo_loss - entropy_bonus)
-    entropy_bonus    with --entropy-coef: entropy_coef times the mean policy entropy over each optimizer step's
-                     scored tokens (its first pass; GVPOStats.entropy_bonus), averaged like the loss
-    implicit_reward  mean r_i = beta * (s_i - a_i) (0 on the first pass with the 'old' anchor)
-    kl               mean s_i - a_i: the sequence log-ratio of policy and anchor during the update, whose mean
-                     over samples of the policy estimates KL(policy || anchor) (0 on the first pass with 'old')
-    entropy          mean entropy (nats) of the policy's next-token distribution at the sampling temperature,
-                     over the scored tokens of the sampled completions, before the update (with the 'ref' anchor:
-                     from the loss's own statistics, GVPOStats.entropy, in the update's first pass)
-    grad_seq_abs     mean |dL/ds_i|: the per-sequence scale of the gradient
-    completion_len   mean length in tokens of the sampled completions (EOS included)
-    grad_norm        gradient norm before clipping, averaged over the step's optimizer steps
-    lr               learning rate after the step
-    tokens_per_s     prompt + completion tokens of the step / step_time
-    step_time        seconds for the step: rollout, rewards, anchor and update
-    peak_mem_mb      CUDA: peak allocated memory during the step; CPU: the process's peak resident memory
-    groups_sampled   groups sampled at this step (prompts_per_step)
-    groups_replayed  groups drawn from the replay buffer (--replay-groups; 0 while it is empty)
-    members_sampled, members_replayed, members_demo
-                     the members trained on, by origin (sampled now, replayed, demonstrations)
-    sampler_lag      optimizer updates between the weights that sampled this step and the policy's (--rollout-lag;
-                     below it at the start of a run)
-    reward_replayed  mean reward of the replayed members (with --replay-groups; null when none)
-    replay_age       mean steps since the replayed groups were sampled (with --replay-groups; null when none)
-    reward_demo      mean reward of the demonstrations (with --demos)
+Every field of a metrics line is in the trainer's README (its "metrics.jsonl" table), which this module writes.
 """
 
 from __future__ import annotations
