@@ -119,13 +119,14 @@ struct TokenCoefs {
 // all 0 (never -c times garbage); out may be x.
 template <bool kEntropy, bool kCap, typename x_t>
 void row_softmax_grad_columns(const x_t* x, float* out, int64_t width, const Spec& spec, const TokenCoefs& t) {
+  const Spec local = spec;  // by value: a store through out must not make the loop reload spec (floats may alias)
 #pragma omp simd
   for (int64_t j = 0; j < width; ++j) {
     const float y = static_cast<float>(x[j]);
-    const float lp = log_prob(y, t.shift[j], spec.s, t.log_sum[j]);
+    const float lp = log_prob(y, t.shift[j], local.s, t.log_sum[j]);
     const float c_ent = kEntropy ? t.coef_entropy[j] : 0.0f;
     float g = softmax_grad<kEntropy>(exp_f32(lp), lp, t.coef[j], c_ent, kEntropy ? t.entropy[j] : 0.0f);
-    if constexpr (kCap) g *= soft_cap_grad(y, spec);
+    if constexpr (kCap) g *= soft_cap_grad(y, local);
     out[j] = t.coef[j] == 0.0f && c_ent == 0.0f ? 0.0f : g;
   }
 }

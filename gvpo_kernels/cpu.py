@@ -42,7 +42,7 @@ CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc" / "rows.cpp").is_file() else _PAC
 SOURCES = ["rows.cpp", "linear.cpp"]
 HEADERS = ["gvpo_math.h"]
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fopenmp-simd", "-fno-math-errno",
-          "-fno-trapping-math", "-ffp-contract=off"]  # no fused x * s - lse: csrc/gvpo_math.h says why
+          "-fno-trapping-math", "-ffp-contract=off"]  # each rounding where gvpo_math.h writes it
 LDFLAGS = ["-fopenmp"]
 COMPILING = "gvpo_kernels: compiling the C++ kernels (once, ~10 s) into {}"
 STALE_LOCK_S = 30 * 60  # a build lock older than this was left by a killed build

@@ -50,8 +50,8 @@ def _chunks(rows: Tensor, vocab: int):
 # one chunk of rows: statistics and gradient
 
 
-def _row_stats(x: Tensor, target: Tensor, spec: LogitSpec, entropy: bool) -> TokenStats:
-    """x (r, V) float32 raw logits (not modified), target (r,) -> the rows' TokenStats.
+def _row_stats(x: Tensor, target: Tensor, spec: LogitSpec, entropy: bool, consume: bool = False) -> TokenStats:
+    """x (r, V) float32 raw logits, target (r,) -> the rows' TokenStats; ``consume``: x may be overwritten.
 
     d = (y - shift) s, L = sum exp(d), A = sum exp(d) d (<= 0): log p = d - log L and H = log L - A / L, a sum of
     two non-negative terms (no cancellation on peaked rows). -inf logits add exactly 0 to L and A.
@@ -60,43 +60,55 @@ def _row_stats(x: Tensor, target: Tensor, spec: LogitSpec, entropy: bool) -> Tok
     y = spec.transform(x)
     top = y.amax(dim=1) if vocab else y.new_zeros(y.shape[0])
     shift = torch.where(top == float("-inf"), 0.0, top)
-    d = (y - shift.unsqueeze(1)) * spec.s
-    e = torch.exp(d)
-    log_sum = torch.log(e.sum(dim=1))
+    d = torch.sub(y, shift.unsqueeze(1), out=y if consume or y is not x else None)
+    if spec.s != 1.0:
+        d.mul_(spec.s)
     label_d = d.gather(1, target.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
     label_d = torch.where(target < vocab, label_d, -shift * spec.s)  # another slice's label: its logit counts as 0
+    token_entropy = None
+    if entropy:
+        e = torch.exp(d)
+        sum_exp = e.sum(dim=1)
+        weighted = e.mul_(d).nan_to_num_(nan=0.0).sum(dim=1)  # e d is NaN only where e = 0, d = -inf: adds 0
+        log_sum = torch.log(sum_exp)
+        token_entropy = log_sum - weighted / sum_exp
+    else:  # what torch.logsumexp does inside, on d, whose maximum is 0: exp in place (d is never the caller's
+        log_sum = torch.log(d.exp_().sum(dim=1))  # input unless it may be consumed), sum, log
     scored = target >= 0
     zero = torch.zeros_like(log_sum)
     logprob = torch.where(scored, label_d - log_sum, zero)
     norm = torch.stack([torch.where(scored, shift, zero), torch.where(scored, log_sum, zero)])
-    token_entropy = None
     if entropy:
-        weighted = torch.where(e > 0, e * d, 0.0).sum(dim=1)
-        token_entropy = torch.where(scored, log_sum - weighted / e.sum(dim=1), zero)
+        token_entropy = torch.where(scored, token_entropy, zero)
     return TokenStats(logprob, norm, token_entropy)
 
 
 def _grad_rows_(x: Tensor, target: Tensor, norm: Tensor, coefs: Coefs, spec: LogitSpec) -> Tensor:
-    """Turn x (r, V) float32 raw logits into dx (see backend.Coefs) in place and return it; rows whose
-    coefficients are all 0 become zeros even where their logits are garbage (padding)."""
+    """Turn x (r, V) float32 raw logits, which it consumes, into dx (see backend.Coefs) and return it (x itself, or
+    a tensor of its shape with a soft-cap); rows whose coefficients are all 0 become zeros even where their logits
+    are garbage (padding)."""
     vocab = x.shape[1]
     y = spec.transform(x)
-    dy_dx = spec.dy_dx(y)
-    log_p = y.sub_(norm[0].unsqueeze(1)).mul_(spec.s).sub_(norm[1].unsqueeze(1))  # y may be x: x is consumed
+    dy_dx = spec.dy_dx(y) if spec.softcap is not None else None
+    log_p = y.sub_(norm[0].unsqueeze(1))
+    if spec.s != 1.0:
+        log_p.mul_(spec.s)
+    log_p.sub_(norm[1].unsqueeze(1))  # in place: y (x without a soft-cap) becomes log p
     c_lp = coefs.logprob.unsqueeze(1)
-    p = torch.exp(log_p)
     active = c_lp != 0
     if coefs.entropy is not None:
         c_ent = coefs.entropy.unsqueeze(1)
         active = active | (c_ent != 0)
-        ent = torch.where(p > 0, p * (log_p + coefs.token_entropy.unsqueeze(1)), 0.0)
-        g = torch.addcmul(-c_ent * ent, p, c_lp, value=-1.0)
+        p = torch.exp(log_p)
+        # -c_ent p (log p + H) - c_lp p; p (log p + H) is NaN only where p = 0 (log p = -inf): 0 there
+        g = log_p.add_(coefs.token_entropy.unsqueeze(1)).mul_(p).nan_to_num_(nan=0.0).mul_(-c_ent)
+        g.sub_(p.mul_(c_lp))
     else:
-        g = p.mul_(-c_lp)
+        g = log_p.exp_().mul_(-c_lp)
     g.scatter_add_(1, target.clamp(0, vocab - 1).unsqueeze(1), torch.where((target < vocab).unsqueeze(1), c_lp, 0.0))
-    if spec.softcap is not None:
+    if dy_dx is not None:
         g.mul_(dy_dx)
-    return x.copy_(g).masked_fill_(~active, 0.0)
+    return g.masked_fill_(~active, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,9 +122,10 @@ def token_forward(rows: Tensor, target: Tensor, spec: LogitSpec, entropy: bool) 
     out = TokenStats(empty(target.shape, **f32), empty((2, target.numel()), **f32),
                      empty(target.shape, **f32) if entropy else None)
     for start, index in _chunks(rows, vocab):
-        x = rows[index].reshape(-1, vocab).float()  # may be the input itself: not modified
+        x = rows[index].reshape(-1, vocab).float()  # may be the input itself: then not modified
         end = start + x.shape[0]
-        part = _row_stats(x, target[start:end], spec, entropy)
+        own = x.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr()
+        part = _row_stats(x, target[start:end], spec, entropy, consume=own)
         out.logprob[start:end], out.norm[:, start:end] = part.logprob, part.norm
         if entropy:
             out.entropy[start:end] = part.entropy
@@ -191,7 +204,7 @@ class _LinearWork:
     def forward(self, tokens, keep: bool) -> TokenStats:
         _, x = self._logits(tokens)
         self.kept = x if keep else None
-        return _row_stats(x, self.target[tokens], self.spec, self.entropy)
+        return _row_stats(x, self.target[tokens], self.spec, self.entropy, consume=not keep)
 
     def backward(self, tokens, norm, coefs: Coefs, kept: bool) -> None:
         h, x = self._logits(tokens) if not kept else (self.flat_hidden[tokens].float(), self.kept)
