@@ -222,7 +222,10 @@ def _gvpo(backend, inplace=False):
         kw = dict(group_size=inp.group_size, ref_logprobs=inp.ref_logprobs, beta=BETA, backend=backend)
         if inp.path == "linear":
             return lambda: gk.linear_gvpo_loss(inp.hidden, inp.weight, inp.labels, inp.rewards, **kw)
-        return lambda: gk.gvpo_loss(inp.logits, inp.labels, inp.rewards, inplace_backward=inplace, **kw)
+        if inplace:  # as a model's output: a view of the leaf, which in-place use refuses to overwrite itself
+            return lambda: gk.gvpo_loss(inp.logits.view_as(inp.logits), inp.labels, inp.rewards,
+                                        inplace_backward=True, **kw)
+        return lambda: gk.gvpo_loss(inp.logits, inp.labels, inp.rewards, **kw)
 
     return build
 
