@@ -145,8 +145,9 @@ def linear_tiles(itemsize: int, hidden_size: int, device: Device, store: bool = 
         gfx950, 64 of its 160 KB);
     ``store`` (the forward that also writes exponentials): 64 vocabulary rows instead of 128. ``heavy``, "forward"
     or "backward": that kernel with an entropy term and a soft-cap in one epilogue, 64 vocabulary rows too where
-    128 spilled (AOT, Triton 3.9): the backward on mma.sync (sm_120: 16 bytes), the forward on AMD (gfx950 with a
-    bias: 2 bytes); not the other way round, where 64 spilled and 128 did not (the mma.sync forward). Where a
+    128 spilled (AOT): the backward on mma.sync (sm_120, Triton 3.9: 16 bytes) and on tcgen05 (sm_100, Triton 3.5:
+    16 bytes), the forward on AMD (gfx950 with a bias, Triton 3.9: 2 bytes); not the other way round, where 64
+    spilled and 128 did not (the mma.sync forward). Where a
     device's shared memory is smaller than the table's rule needs, stages come off first, then H halves.
     fp32: 64 x 64 x 32, 4 warps, 2 stages on every device (IEEE fp32 dots; not in the AOT matrix).
     """
@@ -162,7 +163,7 @@ def linear_tiles(itemsize: int, hidden_size: int, device: Device, store: bool = 
         config = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=2)
     else:
         config = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=4)
-    narrow = heavy == ("forward" if device.is_hip else "backward" if kind == "mma.sync" else None)
+    narrow = heavy == ("forward" if device.is_hip else "backward" if kind in ("mma.sync", "tcgen05") else None)
     if store or (narrow and not device.interpreter):
         config["BLOCK_V"] = 64
     config["BLOCK_H"] = max(16, min(config["BLOCK_H"], _next_power_of_2(hidden_size)))
