@@ -59,28 +59,18 @@ def gvpo_loss(
     seq_logprob = _per_sequence_sums(token_logprob, cu_seqlens)
     seq_ref = seq_logprob.detach() if token_ref is None else _per_sequence_sums(token_ref, cu_seqlens)
 
-    num_seqs = seq_logprob.numel()
-    if group_size is not None:
-        groups = torch.arange(num_seqs, device=seq_logprob.device) // group_size
-    else:
-        groups = group_ids
-    rewards = rewards.detach().to(dtype)
-
-    gvpo = _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction)
+    group = _GroupStage(seq_logprob, seq_ref, token_ref is not None, rewards, group_size, group_ids, beta, reduction)
+    gvpo = group.loss()
     # the entropy bonus: entropy_coef times the mean token entropy over the scored tokens of the call
     bonus = entropy_coef * _token_entropy(logprobs)[scored].sum() / scored.sum().clamp(min=1)
     loss = gvpo - bonus
     if not return_stats:
         return loss
 
-    with torch.enable_grad():
-        s = seq_logprob.detach().requires_grad_()
-        a = s.detach() if token_ref is None else seq_ref
-        (grad_s,) = torch.autograd.grad(_group_loss(s, a, rewards, groups, beta, reduction), s)
     stats = GVPOStats(
         seq_logprob=seq_logprob.detach().float(),
         implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
-        grad_seq_logprob=grad_s.float(),
+        grad_seq_logprob=group.grad_seq_logprob(),
         entropy=_mean_entropy(logprobs, scored, cu_seqlens).float(),
         gvpo_loss=gvpo.detach().float(),
         entropy_bonus=bonus.detach().float(),
@@ -126,6 +116,28 @@ def _per_sequence_sums(token_values, cu_seqlens):
     bounds = cu_seqlens.tolist()
     sums = [token_values[start:end].sum() for start, end in zip(bounds[:-1], bounds[1:])]
     return torch.stack(sums) if sums else token_values.new_zeros(0)
+
+
+class _GroupStage:
+    """GVPO of per-sequence log-prob sums (B,) against the anchor's sums seq_ref (B,) (``seq_logprob.detach()``
+    when not ``anchored``), groups from group_size or group_ids, rewards (B,) in the sums' dtype."""
+
+    def __init__(self, seq_logprob, seq_ref, anchored, rewards, group_size, group_ids, beta, reduction):
+        if group_size is not None:
+            group_ids = torch.arange(seq_logprob.numel(), device=seq_logprob.device) // group_size
+        self.seq_logprob, self.seq_ref, self.anchored = seq_logprob, seq_ref, anchored
+        self.args = (rewards.detach().to(seq_logprob.dtype), group_ids, beta, reduction)
+
+    def loss(self):
+        return _group_loss(self.seq_logprob, self.seq_ref, *self.args)
+
+    def grad_seq_logprob(self):
+        """d loss / d seq_logprob (float32); without an anchor the anchor moves with the policy, held detached."""
+        with torch.enable_grad():
+            s = self.seq_logprob.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(_group_loss(s, self.seq_ref if self.anchored else s.detach(), *self.args),
+                                          s)
+        return grad.float()
 
 
 def _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction):
@@ -234,19 +246,14 @@ def gvpo_loss_from_logprobs(token_logprobs, rewards, *, mask=None, group_size=No
         seq_ref = seq_logprob.detach()
     else:
         seq_ref = _per_sequence_sums(torch.where(scored, ref_logprobs.detach().to(dtype), zero), cu_seqlens)
-    num_seqs = seq_logprob.numel()
-    groups = torch.arange(num_seqs, device=seq_logprob.device) // group_size if group_size is not None else group_ids
-    rewards = rewards.detach().to(dtype)
-
-    loss = _group_loss(seq_logprob, seq_ref, rewards, groups, beta, reduction)
+    group = _GroupStage(seq_logprob, seq_ref, ref_logprobs is not None, rewards, group_size, group_ids, beta,
+                        reduction)
+    loss = group.loss()
     if not return_stats:
         return loss
-    with torch.enable_grad():
-        s = seq_logprob.detach().requires_grad_()
-        a = s.detach() if ref_logprobs is None else seq_ref
-        (grad_s,) = torch.autograd.grad(_group_loss(s, a, rewards, groups, beta, reduction), s)
     return loss, GVPOStats(seq_logprob=seq_logprob.detach().float(),
                            implicit_reward=(beta * (seq_logprob - seq_ref)).detach().float(),
-                           grad_seq_logprob=grad_s.float(), entropy=torch.zeros(0, device=token_logprobs.device),
+                           grad_seq_logprob=group.grad_seq_logprob(),
+                           entropy=torch.zeros(0, device=token_logprobs.device),
                            gvpo_loss=loss.detach().float(),
                            entropy_bonus=torch.zeros((), device=token_logprobs.device))
