@@ -169,77 +169,68 @@ def run_splits(rank: int, world: int, init_file: str, backend: str) -> None:
     finish()
 
 
+def raised(expected, accepted: str, fn, *args, **kwargs):
+    """The exception of type ``expected`` (or a subclass) that fn(*args, **kwargs) raises; AssertionError(accepted)
+    if it returns."""
+    try:
+        fn(*args, **kwargs)
+    except expected as exc:
+        return exc
+    raise AssertionError(accepted)
+
+
 def run_bad_inputs(rank: int, world: int, init_file: str, backend: str) -> None:
     """A wrong setup raises on every rank (no rank is left waiting in a collective)."""
     init(rank, world, init_file)
     full = problem(seed=3)
     everyone = dist.group.WORLD
     seqs = [torch.arange(0, 4), torch.arange(4, 9)][rank]
+    this_rank_or_another = ValueError if rank == 0 else distributed.InputError
 
     # one rank passes group_size instead of global group ids: it raises ValueError, the others InputError
     kwargs = dict(group_size=2) if rank == 0 else dict(group_ids=full["group_ids"][seqs])
-    try:
-        gk.gvpo_loss(full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,
-                     group_process_group=everyone, **kwargs)
-    except (ValueError, distributed.InputError) as exc:
-        expected = ValueError if rank == 0 else distributed.InputError
-        assert type(exc) is expected, (rank, exc)
-        assert "group_ids" in str(exc) or "another rank" in str(exc), str(exc)
-    else:
-        raise AssertionError("a wrong group setup was accepted")
+    exc = raised((ValueError, distributed.InputError), "a wrong group setup was accepted", gk.gvpo_loss,
+                 full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,
+                 group_process_group=everyone, **kwargs)
+    assert type(exc) is this_rank_or_another, (rank, exc)
+    assert "group_ids" in str(exc) or "another rank" in str(exc), str(exc)
 
     # one rank asks for inplace_backward, which a process group does not support: ValueError there, InputError on
     # the others (the check runs before the exchanges, not instead of them)
-    try:
-        gk.gvpo_loss(full["logits"][seqs].requires_grad_(), full["labels"][seqs], full["rewards"][seqs],
-                     backend=backend, group_ids=full["group_ids"][seqs], group_process_group=everyone,
-                     inplace_backward=rank == 0)
-    except (ValueError, distributed.InputError) as exc:
-        expected = ValueError if rank == 0 else distributed.InputError
-        assert type(exc) is expected, (rank, exc)
-        assert "inplace_backward" in str(exc) or "another rank" in str(exc), str(exc)
-    else:
-        raise AssertionError("inplace_backward with a process group was accepted")
+    exc = raised((ValueError, distributed.InputError), "inplace_backward with a process group was accepted",
+                 gk.gvpo_loss, full["logits"][seqs].requires_grad_(), full["labels"][seqs], full["rewards"][seqs],
+                 backend=backend, group_ids=full["group_ids"][seqs], group_process_group=everyone,
+                 inplace_backward=rank == 0)
+    assert type(exc) is this_rank_or_another, (rank, exc)
+    assert "inplace_backward" in str(exc) or "another rank" in str(exc), str(exc)
 
     # a label outside every vocabulary slice (>= the total vocabulary): ValueError naming labels, on every rank
     labels = full["labels"].clone()
     labels[0, 0] = 37
     lo, hi = [(0, 20), (20, 37)][rank]
-    try:
-        gk.gvpo_loss(full["logits"][..., lo:hi].contiguous(), labels, full["rewards"], backend=backend,
-                     group_ids=full["group_ids"], vocab_process_group=everyone)
-    except ValueError as exc:
-        assert "labels" in str(exc) and "[0, 37)" in str(exc), str(exc)
-    else:
-        raise AssertionError("a label outside every vocabulary slice was accepted")
+    exc = raised(ValueError, "a label outside every vocabulary slice was accepted", gk.gvpo_loss,
+                 full["logits"][..., lo:hi].contiguous(), labels, full["rewards"], backend=backend,
+                 group_ids=full["group_ids"], vocab_process_group=everyone)
+    assert "labels" in str(exc) and "[0, 37)" in str(exc), str(exc)
 
     # vocabulary ranks holding different tokens (rank 1's labels shifted): ValueError on every rank
-    try:
-        gk.gvpo_loss(full["logits"][..., lo:hi].contiguous(), full["labels"].roll(rank, dims=1), full["rewards"],
-                     backend=backend, group_ids=full["group_ids"], vocab_process_group=everyone)
-    except ValueError as exc:
-        assert "different labels" in str(exc), str(exc)
-    else:
-        raise AssertionError("vocabulary ranks with different labels were accepted")
+    exc = raised(ValueError, "vocabulary ranks with different labels were accepted", gk.gvpo_loss,
+                 full["logits"][..., lo:hi].contiguous(), full["labels"].roll(rank, dims=1), full["rewards"],
+                 backend=backend, group_ids=full["group_ids"], vocab_process_group=everyone)
+    assert "different labels" in str(exc), str(exc)
 
     # data-parallel ranks with different settings (beta): ValueError on every rank
-    try:
-        gk.gvpo_loss(full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,
-                     group_ids=full["group_ids"][seqs], beta=0.1 + rank, group_process_group=everyone)
-    except ValueError as exc:
-        assert "different settings" in str(exc), str(exc)
-    else:
-        raise AssertionError("data-parallel ranks with different beta were accepted")
+    exc = raised(ValueError, "data-parallel ranks with different beta were accepted", gk.gvpo_loss,
+                 full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,
+                 group_ids=full["group_ids"][seqs], beta=0.1 + rank, group_process_group=everyone)
+    assert "different settings" in str(exc), str(exc)
 
     # vocabulary ranks where only rank 0 asks for the statistics (logging on rank 0), which changes what crosses
     # the network: ValueError on every rank, not a crash inside the collective
-    try:
-        gk.gvpo_loss(full["logits"][..., lo:hi].contiguous(), full["labels"], full["rewards"], backend=backend,
-                     group_ids=full["group_ids"], vocab_process_group=everyone, return_stats=rank == 0)
-    except ValueError as exc:
-        assert "return_stats" in str(exc), str(exc)
-    else:
-        raise AssertionError("vocabulary ranks disagreeing on return_stats were accepted")
+    exc = raised(ValueError, "vocabulary ranks disagreeing on return_stats were accepted", gk.gvpo_loss,
+                 full["logits"][..., lo:hi].contiguous(), full["labels"], full["rewards"], backend=backend,
+                 group_ids=full["group_ids"], vocab_process_group=everyone, return_stats=rank == 0)
+    assert "return_stats" in str(exc), str(exc)
 
     # and after all of that, the ranks still agree on a good call (no collective was left half done)
     got = gk.gvpo_loss(full["logits"][seqs], full["labels"][seqs], full["rewards"][seqs], backend=backend,
