@@ -174,12 +174,6 @@ class Backend(Protocol):
 # helpers every backend shares
 
 
-def coefs_for_loss(lay: Layout, grad_seq_logprob: Tensor, grad_loss: Tensor | float, spec: LogitSpec) -> Coefs:
-    """The loss's coefficients: c_lp[n] = grad_loss * dL/ds of token n's sequence * s, 0 where not scored."""
-    coef = grad_seq_logprob[lay.token_seq] * (grad_loss * spec.s)
-    return Coefs(torch.where(lay.target >= 0, coef, torch.zeros_like(coef)).float().contiguous())
-
-
 def upstream_coefs(target: Tensor, grad_logprob: Optional[Tensor], grad_entropy: Optional[Tensor],
                    token_entropy: Optional[Tensor], spec: LogitSpec) -> Coefs:
     """The token statistics' coefficients from the upstream gradients of the log-probs and entropies (labels'
@@ -192,11 +186,6 @@ def upstream_coefs(target: Tensor, grad_logprob: Optional[Tensor], grad_entropy:
     if token_entropy is None or grad_entropy is None:
         return Coefs(coef(grad_logprob))
     return Coefs(coef(grad_logprob), coef(grad_entropy), token_entropy)
-
-
-def no_norm(target: Tensor) -> Tensor:
-    """A (2, N) float32 normaliser of zeros (an empty call's, or the rows that are not scored)."""
-    return torch.zeros((2, target.numel()), dtype=torch.float32, device=target.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
